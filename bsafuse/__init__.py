@@ -1,0 +1,29 @@
+"""bsafuse: register and fuse unaligned MRI-CT/PET/SPECT pairs with BSAFusion (AAAI 2025).
+
+The public API is imported lazily, so `import bsafuse` (and the command line's --help) does
+not load torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bsafuse._version import __version__
+
+__all__ = ["BSAFusion", "FuseResult", "__version__", "fuse", "fuse_files", "load_model"]
+
+if TYPE_CHECKING:
+    from bsafuse.api import FuseResult, fuse, fuse_files, load_model
+    from bsafuse.model import BSAFusion
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BSAFusion":
+        from bsafuse.model import BSAFusion
+
+        return BSAFusion
+    if name in ("fuse", "fuse_files", "load_model", "FuseResult"):
+        from bsafuse import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'bsafuse' has no attribute {name!r}")
