@@ -1,0 +1,59 @@
+"""Atomic file writes: a temporary file beside the target, then `os.replace`.
+
+A reader never sees a half-written output, and an interrupted or failed write leaves the old file
+(if any) untouched and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bsafuse.errors import OutputError
+
+MULTI_SUFFIXES = (".nii.gz",)  # kept whole on the temporary name: writers pick compression from it
+
+
+def full_suffix(path: Path) -> str:
+    """The suffix that decides the format: '.nii.gz' for a gzipped NIfTI, else the last one (lower case)."""
+    name = path.name.lower()
+    for suffix in MULTI_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary path in `path`'s folder; move it onto `path` when the block succeeds.
+
+    The temporary name keeps the target's suffix (libraries such as nibabel pick the format from it)
+    and is created with the usual permissions (0666 less the umask). On any exception, including
+    KeyboardInterrupt, the temporary file is removed and the exception propagates; an `OSError`
+    (unwritable folder, disk full) becomes an `OutputError` naming `path`.
+
+    Example:
+        with atomic_path("out/fused.png") as tmp:
+            image.save(tmp, format="PNG")
+    """
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp{full_suffix(target)}")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {target}: {exc.strerror or exc}; check the folder exists and is writable"
+        ) from exc
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
