@@ -1,0 +1,255 @@
+"""Configuration of the BSAFusion network and of its loss weights.
+
+`ModelConfig` nests one frozen dataclass per sub-network (MDF-FR encoder, BSFA alignment, MMFF
+fusion). Every value is checked in ``__post_init__`` (ValueError), and the whole config travels
+in each checkpoint as ``to_dict()``, so ``BSAFusion.from_checkpoint`` can rebuild the network.
+
+Presets:
+    ``ModelConfig.paper()``: the sizes of the authors' implementation (SPEC 2a): 9.88 M parameters
+    (0.86 M of them the frozen modality scorer), 27.0 GFLOPs per 256 x 256 pair.
+    ``ModelConfig.small()``: the same structure with fewer channels, heads and a shorter token,
+    for CPU training and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _positive(owner: str, **values: int | float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{owner}.{name} must be positive, got {value}")
+
+
+def _divisible(owner: str, channels: tuple[int, ...], heads: tuple[int, ...], what: str) -> None:
+    if len(channels) != len(heads):
+        raise ValueError(f"{owner}: {what} has {len(channels)} channel counts but {len(heads)} head counts")
+    for c, h in zip(channels, heads, strict=True):
+        if h <= 0 or c % h:
+            raise ValueError(f"{owner}: {what} channels ({c}) must be divisible by heads ({h})")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """MDF-FR: shared encoder, modality head (MFRH) and the Transfer blocks."""
+
+    shallow_channels: int = 8  # C of F'_A, F'_B (Restormer layer 1, full resolution)
+    shallow_heads: int = 1
+    token_channels: int = 3  # channels of Restormer layer 2, fed to the tokeniser
+    token_heads: int = 1
+    patch: int = 16  # side of the square patch behind one token (must be 2**(K-1))
+    dim: int = 256  # W' in the paper: length of a token
+    heads: int = 4  # attention heads of the Transformer layers
+    mlp_dim: int = 256  # hidden width of the Transformer MLPs
+    depth: int = 2  # Transformer layers of the shared encoder
+    transfer_depth: int = 2  # Transformer layers of TransferA and of TransferB each
+    classifier_dim: int = 256  # hidden width of the modality MLP (dim -> classifier_dim -> 2)
+
+    def __post_init__(self) -> None:
+        _positive(
+            "EncoderConfig",
+            shallow_channels=self.shallow_channels,
+            token_channels=self.token_channels,
+            patch=self.patch,
+            dim=self.dim,
+            heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            depth=self.depth,
+            transfer_depth=self.transfer_depth,
+            classifier_dim=self.classifier_dim,
+        )
+        if self.dim % self.heads:
+            raise ValueError(f"EncoderConfig: dim ({self.dim}) must be divisible by heads ({self.heads})")
+        _divisible("EncoderConfig", (self.shallow_channels,), (self.shallow_heads,), "shallow Restormer")
+        _divisible("EncoderConfig", (self.token_channels,), (self.token_heads,), "token Restormer")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """BSFA: K registration steps per direction, coarse to fine (step i at H / 2**(K-1-i))."""
+
+    channels: tuple[int, ...] = (256, 64, 32, 16, 8)  # feature channels of each step
+    max_step: float = 1.0  # tanh bound of a step flow, in pixels of that step's scale
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(self.channels))
+        if len(self.channels) < 2:
+            raise ValueError(f"AlignConfig: needs at least 2 steps, got channels={self.channels}")
+        for c in self.channels:
+            if c <= 0:
+                raise ValueError(f"AlignConfig: channels must be positive, got {self.channels}")
+        _positive("AlignConfig", max_step=self.max_step)
+
+    @property
+    def steps(self) -> int:
+        """K, the number of registration steps per direction."""
+        return len(self.channels)
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    """MMFF: one FusionBlock per step but the finest, then the reconstruction."""
+
+    channels: tuple[int, ...] = (64, 32, 16, 12)  # output channels of FusionBlock 1..K-1
+    heads: tuple[int, ...] = (4, 2, 1, 1)
+    reconstruction_heads: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "heads", tuple(self.heads))
+        _divisible("FuseConfig", self.channels, self.heads, "fusion block")
+        _divisible("FuseConfig", (self.channels[-1],), (self.reconstruction_heads,), "reconstruction")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole network. Inputs must be multiples of ``2**(K-1)`` pixels on each side."""
+
+    image_size: int = 256  # working size the model is built for (the learned positional map)
+    ffn_expansion: int = 4  # GDFN hidden width = ffn_expansion * C in every Restormer block
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+
+    def __post_init__(self) -> None:
+        for name, sub, kind in (
+            ("encoder", self.encoder, EncoderConfig),
+            ("align", self.align, AlignConfig),
+            ("fuse", self.fuse, FuseConfig),
+        ):
+            if not isinstance(sub, kind):
+                raise ValueError(f"ModelConfig.{name} must be a {kind.__name__}, got {type(sub).__name__}")
+        _positive("ModelConfig", image_size=self.image_size, ffn_expansion=self.ffn_expansion)
+        stride = 2 ** (self.align.steps - 1)
+        if self.encoder.patch != stride:
+            raise ValueError(
+                f"ModelConfig: encoder.patch ({self.encoder.patch}) must equal 2**(K-1) = {stride} "
+                f"for K = {self.align.steps} registration steps, so tokens sit at the coarsest step"
+            )
+        if self.image_size % stride:
+            raise ValueError(f"ModelConfig: image_size ({self.image_size}) must be a multiple of {stride}")
+        if self.align.channels[0] != self.encoder.dim:
+            raise ValueError(
+                f"ModelConfig: align.channels[0] ({self.align.channels[0]}) must equal encoder.dim "
+                f"({self.encoder.dim}): the first step works on the token maps"
+            )
+        if len(self.fuse.channels) != self.align.steps - 1:
+            raise ValueError(
+                f"ModelConfig: fuse.channels needs K - 1 = {self.align.steps - 1} entries "
+                f"(one FusionBlock per step but the finest), got {len(self.fuse.channels)}"
+            )
+
+    @property
+    def stride(self) -> int:
+        """Inputs must be multiples of this many pixels (2**(K-1))."""
+        return 2 ** (self.align.steps - 1)
+
+    @classmethod
+    def paper(cls) -> ModelConfig:
+        """The sizes of the authors' implementation (SPEC 2a)."""
+        return cls()
+
+    @classmethod
+    def small(cls) -> ModelConfig:
+        """Same structure, fewer channels and heads, 64-long tokens: trains on a CPU (0.96 M parameters)."""
+        return cls(
+            image_size=256,
+            ffn_expansion=2,
+            encoder=EncoderConfig(
+                shallow_channels=4,
+                token_channels=3,
+                dim=64,
+                heads=2,
+                mlp_dim=64,
+                depth=2,
+                transfer_depth=2,
+                classifier_dim=64,
+            ),
+            align=AlignConfig(channels=(64, 32, 16, 8, 4)),
+            fuse=FuseConfig(channels=(32, 16, 8, 6), heads=(2, 1, 1, 1)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (lists, not tuples), safe for checkpoints and JSON."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, tuple | list):
+                return [plain(v) for v in value]
+            return value
+
+        result: dict[str, Any] = plain(dataclasses.asdict(self))
+        return result
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown or mistyped keys raise ValueError."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config must be a dict, got {type(data).__name__}")
+        subs = {"encoder": EncoderConfig, "align": AlignConfig, "fuse": FuseConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in subs:
+                kwargs[key] = _build(subs[key], value, where=f"config.{key}")
+            else:
+                kwargs[key] = value
+        config: ModelConfig = _build(cls, kwargs, where="config")
+        return config
+
+
+def _build(kind: Any, data: Any, *, where: str) -> Any:
+    """Instantiate dataclass `kind` from a dict, checking keys and value types against the defaults."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a dict, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; expected some of {sorted(fields)}")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, tuple):
+            if not isinstance(value, list | tuple):
+                raise ValueError(f"{where}.{key} must be a list, got {value!r}")
+            value = tuple(value)
+        elif isinstance(default, bool | int) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{where}.{key} must be an integer, got {value!r}")
+        elif isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{where}.{key} must be a number, got {value!r}")
+        values[key] = value
+    return kind(**values)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of Eq. 14 (L_total) and of the per-step smoothness terms (Eq. 8).
+
+    ``smooth_steps[i]`` weighs step i's flows (coarse to fine, both directions), each in pixels of
+    its own scale; ``smooth_total`` weighs the total flow phi at full resolution. The step weights
+    grow tenfold per finer step, as in the authors' implementation: a coarse step pixel is many
+    image pixels, and its field is smoothed by the upsampling anyway.
+    """
+
+    ce1: float = 1.0
+    ce2: float = 1.0
+    consis: float = 1.0
+    smooth: float = 1.0
+    struct: float = 1.0
+    grad: float = 1.0
+    inten: float = 0.5  # lambda in Eq. 14
+    smooth_steps: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    smooth_total: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "smooth_steps", tuple(float(w) for w in self.smooth_steps))
+        for name in ("ce1", "ce2", "consis", "smooth", "struct", "grad", "inten", "smooth_total"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"LossWeights.{name} must be >= 0, got {value}")
+        if any(w < 0 for w in self.smooth_steps):
+            raise ValueError(f"LossWeights.smooth_steps must be >= 0, got {self.smooth_steps}")

@@ -1,0 +1,184 @@
+"""BSFA: bidirectional stepwise feature alignment (paper Eqs. 4-7).
+
+A = moving, B = fixed. K forward registration layers (FRL) move A's features toward a common
+middle and K reverse ones (RRL) move B's, coarse to fine: step i works at H / 2**(K-1-i). Each
+step predicts a step flow per direction (in pixels of its own scale, at most `max_step` by a
+tanh), warps that side's features with it and brings them up x2 (Eq. 6). The total flows are the
+sums of all step flows resized to full size (Eq. 7):
+
+    phi_A = sum_i up(phi_A^i),  phi_B = sum_i up(phi_B^i),  phi = phi_A - phi_B
+
+and ``warp(A, phi)`` lies on B (warp.py convention): if A is B moved by t, the middle is reached
+by phi_A = t/2 and phi_B = -t/2, and phi = t. Summing step flows instead of composing them is
+the paper's first-order approximation; it is exact for translations.
+
+With K = 5 and a 1-pixel bound per step, one direction corrects at most
+(255/15 + 255/31 + 255/63 + 255/127 + 1) ~ 32 px at 256 x 256 (align-corners pixel units), about
+64 px for both; larger offsets need the rigid pre-alignment.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from bsafuse.config import AlignConfig
+from bsafuse.warp import upsample_flow, warp
+
+Direction = Literal["forward", "reverse"]
+
+
+def upsample2(x: Tensor) -> Tensor:
+    """x2 bilinear resize of a feature map, in the align-corners convention warp.py uses."""
+    h, w = x.shape[-2:]
+    return F.interpolate(x, size=(2 * h, 2 * w), mode="bilinear", align_corners=True)
+
+
+class SpatialCrossAttention(nn.Module):
+    """Spatial attention of one map guided by another, used both ways and summed.
+
+    attend(x, y) = x + x * gate, gate = softmax over positions of relu(conv(x)) * relu(conv(y)),
+    divided by its peak so it stays in (0, 1]: a softmax over 65 536 pixels would otherwise be
+    ~1e-5 everywhere and switch the branch off.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, channels, 3, padding=1)
+        self.key = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def attend(self, x: Tensor, y: Tensor) -> Tensor:
+        score = F.relu(self.query(x)) * F.relu(self.key(y))  # (N, C, h, w)
+        score = score.float()
+        gate = torch.exp(score - score.amax(dim=(-2, -1), keepdim=True))  # softmax / its peak
+        return x + x * gate.to(x.dtype)
+
+    def forward(self, state: Tensor, pair: Tensor) -> Tensor:
+        return self.attend(state, pair) + self.attend(pair, state)
+
+
+class RegistrationLayer(nn.Module):
+    """FRL (direction="forward", moves A) or RRL (direction="reverse", moves B): one step (Eq. 5).
+
+    Inputs: the current (already warped) feature pair and the running state D^(i-1); outputs the
+    step flow of its own side and the next state D^i (brought up x2 to the next step's channels,
+    or None after the last step).
+    """
+
+    def __init__(
+        self, channels: int, next_channels: int | None, *, direction: Direction, max_step: float
+    ) -> None:
+        super().__init__()
+        if direction not in ("forward", "reverse"):
+            raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+        self.direction = direction
+        self.max_step = max_step
+        self.reduce = nn.Conv2d(2 * channels, channels, 1)
+        self.attention = SpatialCrossAttention(channels)
+        self.refine = nn.Conv2d(channels, channels, 3, padding=1)
+        self.flow_head = nn.Conv2d(channels, 2, 3, padding=1)
+        # near-zero head: an untrained model starts at the identity warp
+        nn.init.normal_(self.flow_head.weight, std=1e-5)
+        nn.init.zeros_(self.flow_head.bias)  # type: ignore[arg-type]
+        self.state_up = (
+            nn.Sequential(nn.Conv2d(channels, next_channels, 1), nn.LeakyReLU(0.2))
+            if next_channels is not None
+            else None
+        )
+
+    def forward(self, feat_a: Tensor, feat_b: Tensor, state: Tensor) -> tuple[Tensor, Tensor | None]:
+        own, other = (feat_a, feat_b) if self.direction == "forward" else (feat_b, feat_a)
+        pair = self.reduce(torch.cat((own, other), dim=1))  # (N, C, h, w)
+        x = self.attention(state, pair)
+        x = x + F.leaky_relu(self.refine(x), 0.2)  # D^i
+        flow = torch.tanh(self.flow_head(x).float()) * self.max_step  # (N, 2, h, w) px of this scale
+        next_state = self.state_up(upsample2(x)) if self.state_up is not None else None
+        return flow, next_state
+
+
+class FeatureUp(nn.Sequential):
+    """Feature map up x2 to the next step: bilinear, 1x1 conv, 3x3 conv, InstanceNorm, LeakyReLU."""
+
+    def __init__(self, channels: int, next_channels: int) -> None:
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+            nn.Conv2d(channels, next_channels, 1),
+            nn.Conv2d(next_channels, next_channels, 3, padding=1),
+            nn.InstanceNorm2d(next_channels),
+            nn.LeakyReLU(0.2),
+        )
+
+
+class AlignmentOutput(NamedTuple):
+    flow: Tensor  # (N, 2, H, W) phi = phi_A - phi_B, warps A onto B
+    flows_a: tuple[Tensor, ...]  # K step flows of A, coarse to fine, (N, 2, h_i, w_i)
+    flows_b: tuple[Tensor, ...]  # K step flows of B
+
+
+class BidirectionalAlignment(nn.Module):
+    """BSFA: K FRLs and K RRLs; `ups[i]` brings both sides' features from step i to i+1."""
+
+    def __init__(self, cfg: AlignConfig) -> None:
+        super().__init__()
+        chans = cfg.channels
+        nxt: list[int | None] = [*chans[1:], None]
+        self.forward_layers = nn.ModuleList(
+            [
+                RegistrationLayer(c, n, direction="forward", max_step=cfg.max_step)
+                for c, n in zip(chans, nxt, strict=True)
+            ]
+        )
+        self.reverse_layers = nn.ModuleList(
+            [
+                RegistrationLayer(c, n, direction="reverse", max_step=cfg.max_step)
+                for c, n in zip(chans, nxt, strict=True)
+            ]
+        )
+        self.ups = nn.ModuleList([FeatureUp(c, n) for c, n in itertools.pairwise(chans)])
+
+    def forward(self, map_a: Tensor, map_b: Tensor, size: tuple[int, int]) -> AlignmentOutput:
+        """map_a, map_b: (N, C_0, h_0, w_0) transferred token maps; size: full (H, W)."""
+        feat_a, feat_b = map_a, map_b  # the pair F^i (Eq. 6)
+        state_a, state_b = map_a, map_b  # D^0 of the FRL and the RRL
+        flows_a: list[Tensor] = []
+        flows_b: list[Tensor] = []
+        for i, (frl, rrl) in enumerate(zip(self.forward_layers, self.reverse_layers, strict=True)):
+            flow_a, state_a = frl(feat_a, feat_b, state_a)
+            flow_b, state_b = rrl(feat_a, feat_b, state_b)
+            flows_a.append(flow_a)
+            flows_b.append(flow_b)
+            if i < len(self.ups):
+                # Eq. 6: warp each side by its own step flow, then up x2 (both sides as one batch)
+                warped = torch.cat((warp(feat_a, flow_a), warp(feat_b, flow_b)), dim=0)
+                feat_a, feat_b = self.ups[i](warped).chunk(2, dim=0)
+        return AlignmentOutput(
+            total_flow(flows_a, size) - total_flow(flows_b, size), tuple(flows_a), tuple(flows_b)
+        )
+
+
+def total_flow(step_flows: list[Tensor] | tuple[Tensor, ...], size: tuple[int, int]) -> Tensor:
+    """Eq. 7: the sum of step flows, each resized to `size` with its vectors rescaled (fp32)."""
+    with torch.autocast(device_type=step_flows[0].device.type, enabled=False):
+        total = upsample_flow(step_flows[0].float(), size)
+        for flow in step_flows[1:]:
+            total = total + upsample_flow(flow.float(), size)
+    return total
+
+
+def resize_flow(flow: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a pixel flow to `size` (either way), rescaling its vectors; antialiased when shrinking.
+
+    Shapes: (N, 2, h, w) -> (N, 2, H, W). Same align-corners units as `warp.upsample_flow`.
+    """
+    h, w = flow.shape[-2:]
+    if size[0] >= h and size[1] >= w:
+        return upsample_flow(flow, size)
+    with torch.autocast(device_type=flow.device.type, enabled=False):
+        out = F.interpolate(flow.float(), size=size, mode="bilinear", align_corners=True, antialias=True)
+        scale = out.new_tensor([(size[1] - 1) / max(w - 1, 1), (size[0] - 1) / max(h - 1, 1)])
+        return out * rearrange(scale, "xy -> 1 xy 1 1")

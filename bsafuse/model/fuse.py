@@ -1,0 +1,81 @@
+"""MMFF: multimodal feature fusion (paper Eq. 10) and the reconstruction.
+
+A = moving, B = fixed. FusionBlock i works at step i's scale on
+concat(W(F_A^i, phi at that scale), F_B^i, G^(i-1)) and brings the result up x2 (G^0 is empty).
+F_A^i, F_B^i are the encoder's token maps *before* transfer (they keep each modality's content),
+brought to step i's scale by the alignment's shared up-modules. The reconstruction takes
+concat(G^J, F'_B, W(F'_A, phi)) through a Restormer block, a 3x3 conv and a sigmoid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bsafuse.config import ModelConfig
+from bsafuse.model.align import resize_flow, upsample2
+from bsafuse.model.blocks import RestormerBlock
+from bsafuse.warp import warp
+
+
+class FusionBlock(nn.Module):
+    """FusionBLK (Eq. 10): Restormer block on the concatenated features, then up x2."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, heads: int, expansion: int) -> None:
+        super().__init__()
+        self.encode = RestormerBlock(in_channels, out_channels, heads=heads, expansion=expansion)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return upsample2(self.encode(x))  # (N, out, 2h, 2w)
+
+
+class Reconstruction(nn.Module):
+    """Restormer block, 3x3 conv to one channel, sigmoid: G^J and shallow features -> fused image."""
+
+    def __init__(self, in_channels: int, channels: int, *, heads: int, expansion: int) -> None:
+        super().__init__()
+        self.encode = RestormerBlock(in_channels, channels, heads=heads, expansion=expansion)
+        self.out = nn.Conv2d(channels, 1, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.out(self.encode(x)))  # (N, 1, H, W)
+
+
+class MultimodalFusion(nn.Module):
+    """MMFF: J - 1 FusionBlocks, coarse to fine, and the Reconstruction."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        feats = cfg.align.channels
+        outs = cfg.fuse.channels
+        ins = [2 * feats[0]] + [2 * f + g for f, g in zip(feats[1:-1], outs[:-1], strict=True)]
+        self.blocks = nn.ModuleList(
+            [
+                FusionBlock(i, o, heads=h, expansion=cfg.ffn_expansion)
+                for i, o, h in zip(ins, outs, cfg.fuse.heads, strict=True)
+            ]
+        )
+        self.reconstruction = Reconstruction(
+            outs[-1] + 2 * cfg.encoder.shallow_channels,
+            outs[-1],
+            heads=cfg.fuse.reconstruction_heads,
+            expansion=cfg.ffn_expansion,
+        )
+
+    def forward(
+        self,
+        pyramid_a: list[Tensor],
+        pyramid_b: list[Tensor],
+        shallow_a: Tensor,
+        shallow_b: Tensor,
+        flow: Tensor,
+    ) -> Tensor:
+        """pyramid_*: K-1 maps, coarse to fine; shallow_*: (N, C', H, W); flow: (N, 2, H, W)."""
+        g: Tensor | None = None
+        for block, feat_a, feat_b in zip(self.blocks, pyramid_a, pyramid_b, strict=True):
+            aligned_a = warp(feat_a, resize_flow(flow, (feat_a.shape[-2], feat_a.shape[-1])))
+            parts = (aligned_a, feat_b) if g is None else (aligned_a, feat_b, g)
+            g = block(torch.cat(parts, dim=1))
+        assert g is not None
+        x = torch.cat((g, shallow_b, warp(shallow_a, flow)), dim=1)  # (N, C_J + 2C', H, W)
+        return self.reconstruction(x)
