@@ -34,3 +34,5 @@ def harvard() -> Path:
     if not HARVARD.is_dir():
         pytest.skip(f"{HARVARD} not found")
     return HARVARD
+
+pytest_plugins = ["fixtures_ckpt"]  # tiny_checkpoint / tiny_model (tests/fixtures_ckpt.py)

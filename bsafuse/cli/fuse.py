@@ -1,12 +1,183 @@
-"""`bsafuse fuse` (being written)."""
+"""`bsafuse fuse MOVING FIXED -o OUT`: register and fuse files, volumes or whole folders.
+
+The shared machinery (options, progress bar, summary) is also what `bsafuse register` uses.
+"""
 
 from __future__ import annotations
 
-from bsafuse.cli._common import fail
+import enum
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-SHORT = "(not available yet)"
-HELP = SHORT
+import typer
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bsafuse.cli._common import err, fail, handle_errors, print_json
+
+if TYPE_CHECKING:
+    from bsafuse.batch import FuseReport
+
+SHORT = "Register MOVING onto FIXED and fuse them (files, volumes or folders)."
+HELP = """Register MOVING (CT, PET or SPECT) onto FIXED (MRI) and fuse them into OUT.
+
+Files: PNG, DICOM (a file, or a folder holding one series) or NIfTI, in any combination; the output format follows OUT's suffix and the output keeps FIXED's grid and geometry. A colour (PET/SPECT) moving image gives a colour output. Volumes are resampled into FIXED's grid and fused slice by slice.
+
+Folders: `bsafuse fuse MOVING_DIR FIXED_DIR -o OUT_DIR` pairs files by name; finished pairs are skipped unless --overwrite; a bad pair is reported and the rest still run (exit 1 if any failed).
+"""
 
 
-def fuse() -> None:
-    fail("bsafuse fuse is not available in this build yet")
+class PrealignChoice(str, enum.Enum):
+    none = "none"
+    rigid = "rigid"
+    affine = "affine"
+
+
+class PrecisionChoice(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def parse_window(value: str | None) -> tuple[float, float] | None:
+    """'40,400' -> (40.0, 400.0): the CT window centre and width in Hounsfield units."""
+    if value is None:
+        return None
+    try:
+        centre, width = (float(v) for v in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not CENTER,WIDTH (e.g. 40,400)") from None
+    if width <= 0:
+        raise typer.BadParameter(f"the window width must be positive, got {width:g}")
+    return centre, width
+
+
+Moving = Annotated[Path, typer.Argument(help="CT/PET/SPECT image, DICOM series folder, or a folder of them.")]
+Fixed = Annotated[Path, typer.Argument(help="MRI image, DICOM series folder, or a folder of them.")]
+Weights = Annotated[
+    str,
+    typer.Option("--weights", help="auto, a registry name (ct-mri, pet-mri, spect-mri) or a .pt checkpoint."),
+]
+Device = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.")]
+Precision = Annotated[PrecisionChoice, typer.Option("--precision", help="bf16 autocast runs on CUDA only.")]
+Prealign = Annotated[
+    PrealignChoice | None,
+    typer.Option(
+        "--prealign", help="Classical pre-registration first. Default: rigid for volumes, none for 2-D."
+    ),
+]
+SaveFlow = Annotated[
+    Path | None, typer.Option("--save-flow", help="Write the flow: .npy (2,H,W) float32 pixels or .nii.gz.")
+]
+Pattern = Annotated[str, typer.Option("--pattern", help="Folder runs: file names to pair (glob).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Folder runs: redo pairs whose outputs exist.")]
+Slice = Annotated[int | None, typer.Option("--slice", help="NIfTI/DICOM volumes: fuse this one slice only.")]
+Axis = Annotated[str, typer.Option("--axis", help="Axis of --slice: x, y or z.")]
+Window = Annotated[
+    str | None, typer.Option("--window", help="CT window CENTER,WIDTH in HU (default brain-bone).")
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Volume slices per network batch.")]
+Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+
+
+@handle_errors
+def fuse(
+    moving: Moving,
+    fixed: Fixed,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Fused image (format from suffix) or folder.")
+    ],
+    weights: Weights = "auto",
+    device: Device = "auto",
+    precision: Precision = PrecisionChoice.fp32,
+    prealign: Prealign = None,
+    save_flow: SaveFlow = None,
+    save_warped: Annotated[
+        Path | None, typer.Option("--save-warped", help="Also write the warped moving image.")
+    ] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write a PNG panel of the result.")] = None,
+    pattern: Pattern = "*",
+    overwrite: Overwrite = False,
+    slice_index: Slice = None,
+    axis: Axis = "z",
+    window: Window = None,
+    batch_size: BatchSize = 8,
+    json: Json = False,
+) -> None:
+    """Register MOVING onto FIXED and fuse them into OUTPUT."""
+    run_command(
+        "fuse", moving, fixed, output, json=json, weights=weights, device=device, precision=precision.value,
+        prealign=prealign.value if prealign else None, save_flow=save_flow, save_warped=save_warped,
+        report=report, pattern=pattern, overwrite=overwrite, batch_size=batch_size,
+        read_options=read_options(slice_index, axis, window),
+    )  # fmt: skip
+
+
+def read_options(slice_index: int | None, axis: str, window: str | None) -> dict[str, Any]:
+    """The keyword arguments for bsafuse.io.read_image."""
+    if axis not in ("x", "y", "z"):
+        raise typer.BadParameter(f"--axis must be x, y or z, got {axis!r}")
+    options: dict[str, Any] = {"window": parse_window(window)}
+    if slice_index is not None:
+        options.update(slice_index=slice_index, axis=axis)
+    return options
+
+
+def run_command(mode: str, moving: Path, fixed: Path, output: Path, *, json: bool, **kwargs: Any) -> None:
+    """Check the inputs exist, run fuse_files with a progress bar, render the outcome."""
+    for path in (moving, fixed):
+        if not path.exists():
+            fail(f"{path}: no such file or folder")
+    from bsafuse.api import fuse_files  # torch is loaded here, not at `bsafuse --help`
+
+    _log_to_stderr()
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(mode, total=None)
+
+        def step(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{mode} {what}")
+
+        result = fuse_files(moving, fixed, output, mode=mode, progress=step, **kwargs)  # type: ignore[arg-type]
+    render(result, json=json)
+
+
+def _log_to_stderr() -> None:
+    """Library warnings (e.g. a slice whose pre-alignment was skipped) as Rich lines on stderr."""
+    logger = logging.getLogger("bsafuse")
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=err, show_time=False, show_path=False, markup=False))
+        logger.setLevel(logging.WARNING)
+
+
+def render(report: FuseReport, *, json: bool) -> None:
+    """Summary on stderr (JSON on stdout with --json); exit 1 if any pair failed."""
+    if json:
+        print_json(report.to_dict())
+    weights = ", ".join(report.weights) or "none loaded"
+    if not report.folder:
+        item = report.items[0]
+        if item.status == "failed":
+            fail(item.error or "failed")
+        err.print(
+            f"wrote {item.output} in {item.seconds:.1f} s (weights: {weights}; device: {report.device})",
+            soft_wrap=True,
+        )
+        return
+    err.print(
+        f"{len(report.ok)} done, {len(report.skipped)} skipped (outputs exist; --overwrite redoes them), "
+        f"{len(report.failed)} failed (weights: {weights}; device: {report.device})",
+        soft_wrap=True,
+    )
+    if report.failed:
+        table = Table(title="failed pairs", title_justify="left")
+        table.add_column("moving", no_wrap=True)
+        table.add_column("reason", overflow="fold")
+        for item in report.failed:
+            table.add_row(item.moving.name if item.moving else "", item.error or "")
+        err.print(table)
+        fail(f"{len(report.failed)} of {len(report.items)} pairs failed")

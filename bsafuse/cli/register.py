@@ -1,12 +1,63 @@
-"""`bsafuse register` (being written)."""
+"""`bsafuse register MOVING FIXED -o WARPED`: the registration half of `fuse` alone."""
 
 from __future__ import annotations
 
-from bsafuse.cli._common import fail
+from pathlib import Path
+from typing import Annotated
 
-SHORT = "(not available yet)"
-HELP = SHORT
+import typer
+
+from bsafuse.cli._common import handle_errors
+from bsafuse.cli.fuse import (
+    Axis,
+    BatchSize,
+    Device,
+    Fixed,
+    Json,
+    Moving,
+    Overwrite,
+    Pattern,
+    Prealign,
+    Precision,
+    PrecisionChoice,
+    SaveFlow,
+    Slice,
+    Weights,
+    Window,
+    read_options,
+    run_command,
+)
+
+SHORT = "Warp MOVING onto FIXED (registration only) and write the warped image."
+HELP = """Warp MOVING (CT, PET or SPECT) onto FIXED (MRI) with the network's flow and write WARPED.
+
+Same inputs as `bsafuse fuse` (files, DICOM series folders, NIfTI volumes, or two folders of pairs); WARPED keeps FIXED's grid and geometry. --save-flow writes the displacement field.
+"""
 
 
-def register() -> None:
-    fail("bsafuse register is not available in this build yet")
+@handle_errors
+def register(
+    moving: Moving,
+    fixed: Fixed,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Warped image (format from suffix) or folder.")
+    ],
+    weights: Weights = "auto",
+    device: Device = "auto",
+    precision: Precision = PrecisionChoice.fp32,
+    prealign: Prealign = None,
+    save_flow: SaveFlow = None,
+    pattern: Pattern = "*",
+    overwrite: Overwrite = False,
+    slice_index: Slice = None,
+    axis: Axis = "z",
+    window: Window = None,
+    batch_size: BatchSize = 8,
+    json: Json = False,
+) -> None:
+    """Warp MOVING onto FIXED and write OUTPUT."""
+    run_command(
+        "register", moving, fixed, output, json=json, weights=weights, device=device, precision=precision.value,
+        prealign=prealign.value if prealign else None, save_flow=save_flow, pattern=pattern,
+        overwrite=overwrite, batch_size=batch_size, read_options=read_options(slice_index, axis, window),
+    )  # fmt: skip

@@ -1,9 +1,84 @@
-"""`bsafuse weights list|path|verify` (being written)."""
+"""`bsafuse weights list|path|verify`: what is shipped or cached, where, and whether it is intact.
+
+None of these commands imports torch.
+"""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+from rich.table import Table
+
+from bsafuse.cli._common import err, fail, handle_errors, print_json
 
 SHORT = "List, locate and verify pretrained checkpoints."
-HELP = SHORT
+HELP = (
+    "List, locate and verify pretrained checkpoints.\n\n"
+    "Registered names resolve to the first file found in $BSAFUSE_WEIGHTS_DIR, the user cache, "
+    "then the files shipped with bsafuse; every file is sha256-verified."
+)
 app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("list")
+@handle_errors
+def list_(
+    json: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout.")] = False,
+) -> None:
+    """Show every checkpoint name, its file, where it was found and whether it is intact."""
+    from bsafuse import weights
+
+    rows = list(weights.inventory())
+    if json:
+        print_json([{**vars(r), "path": str(r.path) if r.path else None} for r in rows])
+        return
+    table = Table(title="bsafuse checkpoints")
+    for column in ("name", "file", "present at", "verified"):
+        table.add_column(column)
+    for r in rows:
+        where = str(r.path) if r.path else ("[dim]not found[/]" if r.released else "[dim]not released yet[/]")
+        ok = {None: "[dim]-[/]", True: "[green]yes[/]", False: "[red]sha256 mismatch[/]"}[r.verified]
+        table.add_row(r.name, r.filename, where, ok)
+    err.print(table)
+    err.print("Searched: " + ", ".join(str(d) for d in weights.search_dirs()))
+    if not weights.REGISTRY:
+        err.print(f"No trained weights are released yet; {weights.HOW_TO_PASS}.")
+
+
+@app.command("path")
+@handle_errors
+def path(name: Annotated[str, typer.Argument(help="Registry name, e.g. ct-mri.")]) -> None:
+    """Print the local file a registry name resolves to (verified), for scripts."""
+    from bsafuse import weights
+
+    typer.echo(str(weights.resolve(name)))
+
+
+@app.command("verify")
+@handle_errors
+def verify(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Names to check (default: all registered).")
+    ] = None,
+) -> None:
+    """Check the sha256 of every registered checkpoint that is present; exit 1 on a mismatch."""
+    from bsafuse import weights
+
+    wanted = names or list(weights.REGISTRY)
+    unknown = [n for n in wanted if n not in weights.REGISTRY]
+    if unknown:
+        fail(
+            f"not registered: {', '.join(unknown)} (registered: {', '.join(weights.REGISTRY) or 'none yet'})"
+        )
+    found = [r for r in weights.inventory() if r.name in wanted and r.path is not None]
+    if not found:
+        err.print("No registered checkpoint is present; nothing to verify.")
+        return
+    bad = [r for r in found if not r.verified]
+    for r in found:
+        err.print(f"{'[green]ok[/]' if r.verified else '[red]BAD[/]'}  {r.name}  {r.path}")
+    if bad:
+        fail(
+            f"{len(bad)} checkpoint(s) do not match their sha256: {', '.join(str(r.path) for r in bad)}; delete them"
+        )

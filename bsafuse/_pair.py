@@ -1,0 +1,125 @@
+"""Check a moving/fixed pair and bring the moving pixels into the fixed image's pixel grid.
+
+Volumes (and 2-D images of different sizes that both carry real geometry, DICOM or NIfTI) are
+resampled in world coordinates with SimpleITK; plain arrays and PNGs carry no geometry, so a moving
+image of another size is assumed to cover the same field of view and is resized. numpy in, numpy out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bsafuse.errors import InputError
+from bsafuse.io import MedicalImage
+
+ImageLike = MedicalImage | np.ndarray | Tensor
+
+
+def pair_in_fixed_grid(moving: ImageLike, fixed: ImageLike) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Check a pair and bring the moving pixels into the fixed image's grid.
+
+    Returns moving pixels ((H, W), (H, W, 3) or (D, H, W)), fixed pixels ((H, W) or (D, H, W))
+    and whether the pair is a volume pair.
+    """
+    fixed_px = _pixels(fixed, "fixed")
+    if _is_colour(fixed, fixed_px):
+        if np.ptp(fixed_px, axis=-1).max() > 1e-6:
+            raise InputError(
+                f"{_name(fixed, 'the fixed image')} is a colour (RGB) image; the fixed image must be the grey "
+                "MRI. Did you swap MOVING and FIXED? The colour PET/SPECT image goes first"
+            )
+        fixed_px = fixed_px[..., 0]  # an RGB file holding a grey image
+    moving_px = _pixels(moving, "moving")
+    fixed_volume = fixed_px.ndim == 3
+    moving_volume = moving_px.ndim == 3 and not _is_colour(moving, moving_px)
+    if fixed_volume != moving_volume:
+        which = ("moving", "fixed") if moving_volume else ("fixed", "moving")
+        raise InputError(
+            f"{_name(moving, 'the moving image')} and {_name(fixed, 'the fixed image')} do not match: the {which[0]} "
+            f"image is a volume but the {which[1]} image is 2-D; give two volumes, or pick one slice of the "
+            "volume with --slice N"
+        )
+    if fixed_volume and _is_colour(moving, moving_px):
+        raise InputError(f"{_name(moving, 'the moving image')}: colour volumes are not supported")
+    spatial = moving_px.shape[:2] if moving_px.ndim == 3 and not moving_volume else moving_px.shape
+    if fixed_volume or (spatial != fixed_px.shape and _has_geometry(moving) and _has_geometry(fixed)):
+        moving_px = _resample_world(moving, fixed)
+    elif spatial != fixed_px.shape:
+        moving_px = _resize(moving_px, fixed_px.shape)
+    if min(fixed_px.shape[-2:]) < 2:
+        raise InputError(
+            f"{_name(fixed, 'the fixed image')} is {fixed_px.shape}; images need at least 2 x 2 pixels"
+        )
+    return moving_px, fixed_px, fixed_volume
+
+
+def _pixels(image: ImageLike, role: str) -> np.ndarray:
+    """Float32 pixels in [0, 1] from a MedicalImage, array or tensor; InputError otherwise."""
+    if isinstance(image, MedicalImage):
+        return np.asarray(image.pixels, dtype=np.float32)
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        array = array / 255.0
+    elif array.dtype == np.uint16:
+        array = array / 65535.0
+    elif not np.issubdtype(array.dtype, np.floating):
+        raise InputError(
+            f"the {role} array has dtype {array.dtype}; expected float in [0, 1], uint8 or uint16"
+        )
+    array = array.astype(np.float32)
+    if array.ndim not in (2, 3):
+        raise InputError(f"the {role} array has shape {array.shape}; expected (H, W), (H, W, 3) or (D, H, W)")
+    if not np.isfinite(array).all():
+        raise InputError(f"the {role} array holds NaN or infinite values; clean it first")
+    if array.size and (array.min() < -1e-3 or array.max() > 1 + 1e-3):
+        raise InputError(
+            f"the {role} array has values in [{array.min():.3g}, {array.max():.3g}]; expected [0, 1]. "
+            "Normalise it first (bsafuse.io.read_image does this for files)"
+        )
+    return np.clip(array, 0, 1)
+
+
+def _is_colour(image: ImageLike, pixels: np.ndarray) -> bool:
+    if isinstance(image, MedicalImage):
+        return bool(image.is_colour)
+    return pixels.ndim == 3 and pixels.shape[-1] == 3
+
+
+def _has_geometry(image: ImageLike) -> bool:
+    """True for images whose header places them in the world (DICOM, NIfTI), not PNGs or arrays."""
+    return isinstance(image, MedicalImage) and image.source_format in ("dicom", "nifti")
+
+
+def _resample_world(moving: ImageLike, fixed: ImageLike) -> np.ndarray:
+    """The moving pixels in the fixed image's physical grid (SimpleITK, world coordinates)."""
+    if not (isinstance(moving, MedicalImage) and isinstance(fixed, MedicalImage)):
+        mov, fix = _pixels(moving, "moving"), _pixels(fixed, "fixed")
+        if mov.shape != fix.shape:
+            raise InputError(
+                f"the moving volume is {mov.shape} and the fixed volume {fix.shape}; arrays carry no geometry, "
+                "so volumes given as arrays must have the same shape (read files with bsafuse.io.read_image)"
+            )
+        return mov
+    from bsafuse.io.resample import resample_to
+
+    return np.asarray(resample_to(moving, fixed).pixels, dtype=np.float32)
+
+
+def _resize(pixels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Bilinear resize of a 2-D grey or RGB array to `shape` = (H, W) (same field of view)."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    x = x.permute(2, 0, 1)[None] if x.ndim == 3 else x[None, None]
+    smaller = shape[0] < x.shape[-2] or shape[1] < x.shape[-1]
+    x = F.interpolate(x, size=tuple(shape), mode="bilinear", align_corners=True, antialias=smaller)[0]
+    return (x.permute(1, 2, 0) if pixels.ndim == 3 else x[0]).numpy()
+
+
+def _name(image: Any, default: str) -> str:
+    return image.name if isinstance(image, MedicalImage) and image.path is not None else default

@@ -1,0 +1,353 @@
+"""The library entry points: load a model, then fuse (or register) image pairs.
+
+```python
+from bsafuse import load_model, fuse
+from bsafuse.io import read_image, write_image
+moving, fixed = read_image("ct.png"), read_image("mri.png")
+model = load_model("path/to/best.pt")            # or a registry name, or "auto" with moving=
+result = fuse(moving, fixed, model)              # FuseResult: numpy arrays in fixed's grid
+write_image("fused.png", result.fused, like=fixed)
+```
+
+How a pair is handled (SPEC 1 and 5):
+
+- *Grids.* Everything happens in the fixed image's pixel grid. A moving image of another size is
+  brought there first: a volume (or a 2-D image with real geometry) is resampled in world
+  coordinates with SimpleITK (`bsafuse.io.resample.resample_to`); a plain 2-D array or PNG, which
+  carries no geometry, is assumed to cover the same field of view and is resized.
+- *Working size.* The network runs at `config.image_size`. Each slice is padded to a square (never
+  stretched), resized to that size, and the fused image and flow are resized back; flow vectors are
+  rescaled to output pixels. The warped image is resampled from the full-resolution moving image
+  with the full-resolution flow, so it stays sharp.
+- *Colour.* An RGB moving image goes through the network as its BT.601 luma Y; Cb and Cr are warped
+  with the same flow (neutral grey where the moving image has no data) and recombined with the
+  fused Y.
+- *Borders.* Where the total flow samples outside the moving image there is no moving data, and the
+  fused image is the fixed image there (blended by the share of valid moving data).
+- *Pre-alignment.* `prealign="rigid"|"affine"` first registers the moving slice to the fixed one with
+  SimpleITK; the reported flow is the total (pre-alignment composed with the network's flow).
+  Volumes default to `rigid` (per slice, after the world-coordinate resampling), 2-D pairs to `none`.
+
+The library never prints; progress goes to an optional callback, messages to `logging`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bsafuse import weights as weights_mod
+from bsafuse._pair import ImageLike, pair_in_fixed_grid
+from bsafuse.device import Precision, autocast_for, pick_device
+from bsafuse.errors import InputError, WeightsError
+from bsafuse.io import MedicalImage, read_image
+from bsafuse.warp import compose_flows, upsample_flow, warp
+
+if TYPE_CHECKING:
+    from bsafuse.batch import FuseReport
+    from bsafuse.model import BSAFusion
+
+log = logging.getLogger(__name__)
+
+Prealign = Literal["none", "rigid", "affine"]
+Progress = Callable[[int, int, str], None]  # (done, total, what) after each step
+PREALIGN_KINDS = ("none", "rigid", "affine")
+
+
+@dataclass(frozen=True)
+class FuseResult:
+    """One fused (or registered) pair, as float32 numpy arrays in the fixed image's pixel grid.
+
+    `fused` and `warped` are (H, W) for a grey pair, (H, W, 3) RGB for a colour moving image,
+    (D, H, W) for volumes. `flow` is the total displacement in pixels, (2, H, W) or (D, 2, H, W),
+    channel 0 = x: warp(moving_resampled, flow) == warped. `valid` (same grid, no channels) is the
+    share of real moving data behind each pixel. `moving_resampled` is the moving image in the fixed
+    grid before registration and `fixed` the fixed pixels, both kept for reports and checks.
+    """
+
+    fused: np.ndarray
+    warped: np.ndarray
+    flow: np.ndarray
+    valid: np.ndarray
+    moving_resampled: np.ndarray
+    fixed: np.ndarray
+    prealign: str
+    seconds: float
+
+    @property
+    def is_volume(self) -> bool:
+        return self.flow.ndim == 4
+
+    @property
+    def is_colour(self) -> bool:
+        return self.fused.ndim == 3 and not self.is_volume
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def choose_weights(
+    weights: str | os.PathLike[str], moving: ImageLike | str | os.PathLike[str] | None = None
+) -> str:
+    """The registry name or path that `weights` stands for; "auto" looks at the moving image."""
+    text = os.fspath(weights)
+    if text != "auto":
+        return text
+    if moving is None:
+        return weights_mod.auto_name(is_colour=False)
+    if isinstance(moving, str | os.PathLike):
+        moving = read_image(moving)
+    if isinstance(moving, MedicalImage):
+        return weights_mod.auto_name(is_colour=moving.is_colour, modality=moving.modality)
+    array = np.asarray(moving)
+    return weights_mod.auto_name(is_colour=array.ndim == 3 and array.shape[-1] == 3)
+
+
+def load_model(
+    weights: str | os.PathLike[str] = "auto",
+    device: str | torch.device = "auto",
+    moving: ImageLike | str | os.PathLike[str] | None = None,
+) -> BSAFusion:
+    """A BSAFusion model on `device`, in eval mode, from a registry name, a path or "auto".
+
+    "auto" picks the registered weights that fit the moving image (grey -> ct-mri, colour -> pet-mri,
+    DICOM Modality NM -> spect-mri; ct-mri when no moving image is given). A registered file is
+    sha256-verified; every file is read with weights_only=True.
+    """
+    choice = choose_weights(weights, moving)
+    try:
+        path = weights_mod.resolve(choice)
+    except WeightsError as exc:
+        if os.fspath(weights) == "auto":
+            raise WeightsError(f"--weights auto chose {choice!r} for this moving image, but {exc}") from None
+        raise
+    target = pick_device(device)
+    model = weights_mod.load_checkpoint(path).to(target).eval()
+    model.bsafuse_weights = choice  # type: ignore[assignment]  # what the CLI reports as "weights used"
+    return model
+
+
+def model_config(model: torch.nn.Module) -> Any:
+    """The ModelConfig a BSAFusion model was built from."""
+    return weights_mod._config_of(model)
+
+
+# ------------------------------------------------------------------------------------- fuse one
+
+
+def fuse(
+    moving: ImageLike,
+    fixed: ImageLike,
+    model: BSAFusion,
+    *,
+    precision: Precision = "fp32",
+    prealign: Prealign | None = None,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> FuseResult:
+    """Register `moving` onto `fixed` and fuse them with `model`, in the fixed image's grid.
+
+    Inputs are MedicalImages (from `bsafuse.io.read_image`) or float arrays in [0, 1] (uint8 and
+    uint16 are scaled): moving (H, W), (H, W, 3) RGB or (D, H, W); fixed (H, W) or (D, H, W) grey.
+    `prealign` is "none", "rigid" or "affine"; None means rigid for volumes, none for 2-D pairs.
+    Volume slices go through the network `batch_size` at a time. See the module docstring.
+    """
+    start = time.perf_counter()
+    moving_px, fixed_px, is_volume = pair_in_fixed_grid(moving, fixed)
+    kind = prealign or ("rigid" if is_volume else "none")
+    if kind not in PREALIGN_KINDS:
+        raise InputError(f"prealign must be one of {', '.join(PREALIGN_KINDS)}, got {kind!r}")
+    colour = moving_px.ndim == 3 and moving_px.shape[-1] == 3 and not is_volume
+    fixed_s = fixed_px if is_volume else fixed_px[None]  # (D, H, W)
+    moving_s = moving_px if is_volume else moving_px[None]  # (D, H, W) or (1, H, W, 3)
+    outputs = []
+    total = len(fixed_s)
+    for lo in range(0, total, max(1, batch_size)):
+        sl = slice(lo, min(lo + max(1, batch_size), total))
+        outputs.append(
+            _fuse_slices(moving_s[sl], fixed_s[sl], model, colour=colour, prealign=kind, precision=precision)
+        )
+        if progress is not None:
+            progress(sl.stop, total, "slices")
+    fused, warped, flow, valid = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
+    if not is_volume:
+        fused, warped, flow, valid = fused[0], warped[0], flow[0], valid[0]
+    return FuseResult(
+        fused=fused,
+        warped=warped,
+        flow=flow,
+        valid=valid,
+        moving_resampled=moving_px,
+        fixed=fixed_px,
+        prealign=kind,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _fuse_slices(
+    moving: np.ndarray,
+    fixed: np.ndarray,
+    model: BSAFusion,
+    *,
+    colour: bool,
+    prealign: str,
+    precision: Precision,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of same-sized slices -> fused, warped, flow (N, 2, H, W), valid, as numpy."""
+    from bsafuse.io.color import rgb_to_ycbcr, ycbcr_to_rgb
+
+    ycc = rgb_to_ycbcr(moving) if colour else None  # (N, H, W, 3): Y, Cb, Cr
+    grey = ycc[..., 0] if ycc is not None else moving
+    mov = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32))[:, None]  # (N, 1, H, W)
+    fix = torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[:, None]  # (N, 1, H, W)
+    pre = _prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
+    device = next(model.parameters()).device
+    mov_in = warp(mov, pre) if pre is not None else mov
+    fused_t, net_flow = _network(model, mov_in.to(device), fix.to(device), precision)
+    flow = compose_flows(pre.to(device), net_flow) if pre is not None else net_flow  # total, pixels
+    fix_d = fix.to(device)
+    valid = warp(torch.ones_like(fix_d), flow)
+    # Border rule (SPEC 1): no moving data -> the fused image is the fixed image.
+    fused_t = valid * fused_t + (1 - valid) * fix_d
+    if ycc is not None:
+        rgb = torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32)).permute(0, 3, 1, 2).to(device)
+        chroma = torch.from_numpy(np.ascontiguousarray(ycc[..., 1:], dtype=np.float32)).permute(0, 3, 1, 2)
+        chroma = warp(chroma.to(device) - 0.5, flow) + 0.5  # neutral grey where there is no moving data
+        warped = _np(warp(rgb, flow)).transpose(0, 2, 3, 1)
+        fused = ycbcr_to_rgb(np.concatenate([_np(fused_t), _np(chroma)], axis=1).transpose(0, 2, 3, 1))
+    else:
+        warped = _np(warp(mov.to(device), flow))[:, 0]
+        fused = _np(fused_t)[:, 0]
+    return (
+        np.clip(fused, 0, 1).astype(np.float32),
+        np.clip(warped, 0, 1).astype(np.float32),
+        _np(flow),
+        _np(valid)[:, 0],
+    )
+
+
+def _network(model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precision) -> tuple[Tensor, Tensor]:
+    """Run the model at its working size: pad to a square, resize, run, and map back.
+
+    Shapes: (N, 1, H, W) each -> fused (N, 1, H, W), flow (N, 2, H, W) in output pixels.
+    """
+    size = int(model_config(model).image_size)
+    h, w = moving.shape[-2:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    pad = (left, side - w - left, top, side - h - top)
+
+    def to_working(x: Tensor) -> Tensor:
+        x = F.pad(x, pad)  # zeros: no data, as outside any image
+        if side == size:
+            return x
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True, antialias=side > size)
+
+    with torch.inference_mode(), autocast_for(moving.device, precision):
+        out = model(to_working(moving), to_working(fixed))
+    fused = out.fused.float()
+    if side != size:
+        fused = F.interpolate(fused, size=(side, side), mode="bilinear", align_corners=True)
+    flow = upsample_flow(out.flow.float(), (side, side))
+    crop = (..., slice(top, top + h), slice(left, left + w))
+    return fused[crop].clamp(0, 1), flow[crop].contiguous()
+
+
+def _prealign_flows(moving: np.ndarray, fixed: np.ndarray, kind: str) -> Tensor | None:
+    """Classical (SimpleITK) registration of each moving slice to its fixed slice, or None."""
+    if kind == "none":
+        return None
+    from bsafuse.prealign import register_classical
+
+    flows = []
+    for k, (m, f) in enumerate(zip(moving, fixed, strict=True)):
+        if float(m.std()) < 1e-6 or float(f.std()) < 1e-6:  # an empty slice has nothing to align
+            flows.append(np.zeros((2, *f.shape), np.float32))
+            continue
+        try:
+            flows.append(register_classical(m, f, kind=kind))  # type: ignore[arg-type]
+        except InputError as exc:
+            if len(moving) == 1:
+                raise
+            # One slice of a volume (often a nearly empty end slice) need not stop the others.
+            log.warning("slice %d: %s pre-alignment skipped (%s)", k, kind, exc)
+            flows.append(np.zeros((2, *f.shape), np.float32))
+    return torch.from_numpy(np.stack(flows).astype(np.float32))
+
+
+def _np(x: Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------- many files
+
+
+def fuse_files(
+    moving: str | os.PathLike[str],
+    fixed: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] = "auto",
+    model: BSAFusion | None = None,
+    device: str | torch.device = "auto",
+    precision: Precision = "fp32",
+    prealign: Prealign | None = None,
+    mode: Literal["fuse", "register"] = "fuse",
+    pattern: str = "*",
+    overwrite: bool = False,
+    save_flow: str | os.PathLike[str] | None = None,
+    save_warped: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    read_options: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> FuseReport:
+    """Fuse files (or register them, with mode="register") and write the outputs.
+
+    Two files (or two DICOM series folders with an output file name) make one pair. Two folders
+    with an output folder pair their files by stem (`pattern` filters them): finished pairs are
+    skipped unless `overwrite`, a bad pair is recorded and the rest still run. `save_flow`,
+    `save_warped` and `report` are files for one pair and folders for folder runs. Every write is
+    atomic and no input is ever overwritten. Returns a FuseReport; failures are in it, not raised
+    (except for problems that stop the whole run, such as missing weights).
+    """
+    from bsafuse.batch import Runner
+
+    runner = Runner(
+        weights=weights,
+        model=model,
+        device=device,
+        precision=precision,
+        prealign=prealign,
+        mode=mode,
+        read_options=read_options or {},
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return runner.run(
+        Path(moving),
+        Path(fixed),
+        Path(output),
+        pattern=pattern,
+        overwrite=overwrite,
+        save_flow=_opt_path(save_flow),
+        save_warped=_opt_path(save_warped),
+        report=_opt_path(report),
+    )
+
+
+def _opt_path(value: str | os.PathLike[str] | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+__all__: Sequence[str] = ["FuseResult", "choose_weights", "fuse", "fuse_files", "load_model"]

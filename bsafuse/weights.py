@@ -1,0 +1,304 @@
+"""Checkpoints: the registry of released weights, where they are found, and how they are read.
+
+A registry name (``ct-mri``, ``pet-mri``, ``spect-mri``) resolves, in this order, to the first
+file that exists: ``$BSAFUSE_WEIGHTS_DIR`` -> the user cache (``platformdirs``) -> the files
+shipped with the package (``bsafuse/_weights`` in a wheel, the repository's ``weights/`` folder
+in an editable install) -> a download, only when the registry names a URL (the download goes
+to ``<file>.part``, is verified, then renamed into place). An explicit path is used as given.
+Every registered file is sha256-verified each time it is resolved; there is no off switch.
+
+A checkpoint is a plain dict read with ``torch.load(weights_only=True)``, so a file that holds
+pickled code is refused instead of run::
+
+    {"format": 1, "config": ModelConfig.to_dict(), "state_dict": {...},
+     "bsafuse_version": "0.1.0", optional "epoch", "optimizer", "scheduler", "mu", "rng", "metrics"}
+
+Torch is imported inside the functions that need it, so ``bsafuse weights list`` is instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import platformdirs
+
+from bsafuse._version import __version__
+from bsafuse.errors import WeightsError
+from bsafuse.io.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from bsafuse.model import BSAFusion
+
+log = logging.getLogger(__name__)
+
+ENV_DIR = "BSAFUSE_WEIGHTS_DIR"
+FORMAT = 1  # version of the checkpoint dict layout
+CHUNK = 1 << 20  # bytes read at a time when hashing or downloading
+_PACKAGE = Path(__file__).resolve().parent
+_REPO = _PACKAGE.parent
+SHIPPED_DIRS = (
+    _PACKAGE / "_weights",  # inside an installed wheel (pyproject force-includes weights/ there)
+    *([_REPO / "weights"] if (_REPO / "pyproject.toml").is_file() else []),  # editable install
+)
+# Names kept for the weights the project trains; they are in REGISTRY once files are released.
+RESERVED = ("ct-mri", "pet-mri", "spect-mri")
+HOW_TO_PASS = (
+    "pass a checkpoint of your own with --weights path/to/best.pt (for example from `bsafuse train`)"
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One released checkpoint."""
+
+    name: str  # what users type: --weights ct-mri
+    filename: str
+    sha256: str  # of the released file; checked every time it is resolved
+    url: str | None = None  # None: shipped with the package, never downloaded
+
+
+# Empty until trained weights are released; then e.g.
+# Checkpoint("ct-mri", "bsafuse-ct-mri-v1.pt", sha256="<64 hex>").
+REGISTRY: dict[str, Checkpoint] = {}
+
+_urlopen: Callable[..., IO[bytes]] = urllib.request.urlopen  # replaced in tests: no network there
+
+
+def search_dirs() -> list[Path]:
+    """Folders searched for a registered file, in resolution order."""
+    folders = [Path(os.environ[ENV_DIR]).expanduser()] if os.environ.get(ENV_DIR) else []
+    return [*folders, platformdirs.user_cache_path("bsafuse"), *SHIPPED_DIRS]
+
+
+def download_dir() -> Path:
+    """Where downloads go: $BSAFUSE_WEIGHTS_DIR when set, else the user cache."""
+    return search_dirs()[0]
+
+
+def auto_name(*, is_colour: bool, modality: str | None = None) -> str:
+    """The registry name `--weights auto` picks for a moving image (SPEC 6).
+
+    Grey -> ct-mri; colour -> pet-mri, unless the DICOM Modality says NM (nuclear medicine,
+    i.e. SPECT) -> spect-mri.
+    """
+    if not is_colour:
+        return "ct-mri"
+    return "spect-mri" if (modality or "").upper() == "NM" else "pet-mri"
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path, expected: str) -> None:
+    """Raise WeightsError unless the file's sha256 is `expected`."""
+    actual = sha256_of(path)
+    if actual != expected.lower():
+        raise WeightsError(
+            f"{path} does not match its published sha256 (got {actual[:12]}..., want {expected[:12]}...); "
+            "the file is corrupt or was replaced: delete it and run again"
+        )
+
+
+def find(name: str) -> Path | None:
+    """The first existing file of a registered checkpoint, verified; None if there is none."""
+    ckpt = REGISTRY[name]
+    for folder in search_dirs():
+        candidate = folder / ckpt.filename
+        if candidate.is_file():
+            verify(candidate, ckpt.sha256)
+            return candidate
+    return None
+
+
+def resolve(weights: str | os.PathLike[str]) -> Path:
+    """Registry name or path to a checkpoint file -> a local file that is safe to load."""
+    text = os.fspath(weights)
+    if text in REGISTRY:
+        found = find(text)
+        if found is not None:
+            return found
+        ckpt = REGISTRY[text]
+        if ckpt.url is None:
+            places = ", ".join(str(d) for d in search_dirs())
+            raise WeightsError(
+                f"weights {text!r} ({ckpt.filename}) are in none of: {places}; "
+                f"copy the file into one of them or point {ENV_DIR} at its folder"
+            )
+        return download(ckpt, download_dir())
+    if text in RESERVED:
+        raise WeightsError(f"no released {text!r} weights exist yet in bsafuse {__version__}; {HOW_TO_PASS}")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path  # the user's own checkpoint: used as given, not hashed
+    if path.is_dir():
+        raise WeightsError(
+            f"--weights {text!r} is a folder; give the checkpoint file inside it (e.g. best.pt)"
+        )
+    known = ", ".join([*REGISTRY, *(n for n in RESERVED if n not in REGISTRY)])
+    raise WeightsError(
+        f"--weights {text!r} is neither an existing file nor a known name ({known}); {HOW_TO_PASS}"
+    )
+
+
+def download(ckpt: Checkpoint, folder: Path) -> Path:
+    """Fetch a registered URL into `folder`: <file>.part, sha256 check, then os.replace()."""
+    assert ckpt.url is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / ckpt.filename
+    part = target.with_name(target.name + ".part")
+    log.info("downloading %s from %s", ckpt.filename, ckpt.url)
+    try:
+        with _urlopen(ckpt.url) as response, open(part, "wb") as out:
+            for block in iter(lambda: response.read(CHUNK), b""):
+                out.write(block)
+    except OSError as exc:  # URLError is an OSError
+        part.unlink(missing_ok=True)
+        raise WeightsError(
+            f"could not download {ckpt.name!r} from {ckpt.url}: {exc}; "
+            f"download it by hand into {folder} or {HOW_TO_PASS}"
+        ) from None
+    try:
+        verify(part, ckpt.sha256)
+    except WeightsError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, target)
+    return target
+
+
+@dataclass(frozen=True)
+class Found:
+    """Where a registered checkpoint is, for `bsafuse weights list` and `verify`."""
+
+    name: str
+    filename: str
+    path: Path | None
+    verified: bool | None  # None: no file to check
+    released: bool
+
+
+def inventory() -> Iterator[Found]:
+    """Every registered (and reserved) name with the first file found for it, verified."""
+    for name in dict.fromkeys([*REGISTRY, *RESERVED]):
+        ckpt = REGISTRY.get(name)
+        if ckpt is None:
+            yield Found(name, "-", None, None, released=False)
+            continue
+        path = next((d / ckpt.filename for d in search_dirs() if (d / ckpt.filename).is_file()), None)
+        ok = None if path is None else sha256_of(path) == ckpt.sha256.lower()
+        yield Found(name, ckpt.filename, path, ok, released=True)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], model: BSAFusion, *, half: bool = False, **extras: Any
+) -> Path:
+    """Write `model` (its config and weights) plus any `extras` (epoch, optimizer, ...) atomically.
+
+    `half=True` stores floating-point weights as float16 (half the size; they are read back into
+    float32). The file is written to a temporary name in the same folder and renamed into place,
+    so a kill mid-write never leaves a truncated checkpoint.
+    """
+    import torch
+
+    path = Path(path)
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
+        for k, v in model.state_dict().items()
+    }
+    payload = {
+        "format": FORMAT,
+        "config": _config_of(model).to_dict(),
+        "state_dict": state,
+        "bsafuse_version": __version__,
+        **extras,
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # a checkpoint must survive a crash right after the rename
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint dict with weights_only=True and check its layout (no model is built).
+
+    Raises WeightsError for a missing or unreadable file, pickled code, or a dict that is not a
+    bsafuse checkpoint.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"checkpoint {path} does not exist; {HOW_TO_PASS}") from None
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        if lines:  # the file names a Python callable: executing it could run anything
+            raise WeightsError(
+                f"{path} holds Python objects other than tensors and plain data ({lines[0][:160]}); "
+                "bsafuse refuses to unpickle code. Re-save the checkpoint with bsafuse.weights.save_checkpoint"
+            ) from None
+        raise WeightsError(
+            f"{path} is not a readable torch checkpoint (corrupt, truncated or another format)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise WeightsError(
+            f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {detail})"
+        ) from None
+    if not isinstance(data, dict) or "state_dict" not in data or "config" not in data:
+        keys = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
+        raise WeightsError(
+            f"{path} is not a bsafuse checkpoint (expected a dict with 'format', 'config' and "
+            f"'state_dict'; found {keys}); save models with bsafuse.weights.save_checkpoint"
+        )
+    if data.get("format") != FORMAT:
+        raise WeightsError(
+            f"{path} has checkpoint format {data.get('format')!r}, this bsafuse reads format {FORMAT}; "
+            "upgrade bsafuse or re-save the checkpoint"
+        )
+    return data
+
+
+def load_checkpoint(
+    source: str | os.PathLike[str] | dict[str, Any], *, map_location: Any = "cpu"
+) -> BSAFusion:
+    """Build the model a checkpoint describes and load its weights (strictly).
+
+    `source` is a path or a dict from `read_checkpoint` (the trainer reads the dict once for the
+    model and the optimizer). A config that does not fit the stored weights is a WeightsError.
+    """
+    from bsafuse.model import BSAFusion
+
+    data = source if isinstance(source, dict) else read_checkpoint(source, map_location=map_location)
+    where = "the checkpoint" if isinstance(source, dict) else str(source)
+    try:
+        return BSAFusion.from_checkpoint(data)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise WeightsError(f"{where} cannot be loaded: {exc}") from None
+
+
+def _config_of(model: Any) -> Any:
+    """The ModelConfig a model was built from."""
+    for attr in ("config", "cfg"):
+        config = getattr(model, attr, None)
+        if config is not None and hasattr(config, "to_dict"):
+            return config
+    raise TypeError(f"{type(model).__name__} has no .config with to_dict(); is it a BSAFusion model?")

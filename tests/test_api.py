@@ -1,0 +1,180 @@
+"""api.py on arrays: sizes, colour, borders, volumes, pre-alignment, errors, silence."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bsafuse.api import FuseResult, fuse, load_model
+from bsafuse.config import ModelConfig
+from bsafuse.errors import InputError, WeightsError
+from bsafuse.io.color import rgb_to_ycbcr
+from bsafuse.warp import warp
+
+
+def phantom(height: int = 64, width: int = 64, *, shift: float = 0.0) -> np.ndarray:
+    """A smooth head-like test image in [0, 1]: an ellipse with an inner blob, shifted in x."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    cy, cx = height / 2, width / 2 + shift
+    outer = ((xs - cx) / (0.35 * width)) ** 2 + ((ys - cy) / (0.4 * height)) ** 2
+    inner = ((xs - cx - 0.08 * width) / (0.1 * width)) ** 2 + (
+        (ys - cy + 0.1 * height) / (0.12 * height)
+    ) ** 2
+    image = 0.6 / (1 + np.exp(np.minimum(8 * (outer - 1), 50))) + 0.4 / (
+        1 + np.exp(np.minimum(6 * (inner - 1), 50))
+    )
+    return image.astype(np.float32)
+
+
+class PlantedModel(nn.Module):
+    """Stands in for BSAFusion: a planted constant flow; fusion = the brighter of warped and fixed."""
+
+    def __init__(self, shift: tuple[float, float], image_size: int = 64) -> None:
+        super().__init__()
+        self.config = dataclasses.replace(ModelConfig.small(), image_size=image_size)
+        self.shift = shift
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+        self.inputs: list[tuple[int, ...]] = []
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> SimpleNamespace:
+        self.inputs.append(tuple(moving.shape))
+        flow = torch.zeros(moving.shape[0], 2, *moving.shape[-2:])
+        flow[:, 0], flow[:, 1] = self.shift
+        warped = warp(moving, flow)
+        return SimpleNamespace(fused=torch.maximum(warped, fixed), flow=flow, warped=warped)
+
+
+def test_grey_pair_shapes_and_ranges(tiny_model: nn.Module) -> None:
+    moving, fixed = phantom(shift=3), phantom()
+    result = fuse(moving, fixed, tiny_model)
+    assert isinstance(result, FuseResult) and not result.is_volume and not result.is_colour
+    assert result.fused.shape == result.warped.shape == result.valid.shape == (64, 64)
+    assert result.flow.shape == (2, 64, 64) and result.flow.dtype == np.float32
+    assert 0 <= result.fused.min() and result.fused.max() <= 1
+    assert result.prealign == "none"
+    again = fuse(moving, fixed, tiny_model)
+    np.testing.assert_array_equal(result.fused, again.fused)  # deterministic
+
+
+def test_working_size_round_trip_rescales_flow_to_output_pixels() -> None:
+    model = PlantedModel(shift=(2.0, -1.0), image_size=64)
+    result = fuse(phantom(128, 128), phantom(128, 128), model)
+    assert model.inputs == [(1, 1, 64, 64)]
+    np.testing.assert_allclose(result.flow[0], 2.0 * 127 / 63, rtol=1e-5)
+    np.testing.assert_allclose(result.flow[1], -1.0 * 127 / 63, rtol=1e-5)
+
+
+def test_non_square_is_padded_not_stretched() -> None:
+    model = PlantedModel(shift=(0.0, 0.0), image_size=64)
+    fixed = phantom(40, 64)
+    result = fuse(fixed, fixed, model)
+    assert result.fused.shape == (40, 64) and result.flow.shape == (2, 40, 64)
+    # zero flow and max-fusion of an image with itself: the image comes back (up to resampling)
+    np.testing.assert_allclose(result.fused, fixed, atol=0.02)
+
+
+def test_moving_of_another_size_is_resized_to_the_fixed_grid() -> None:
+    result = fuse(phantom(32, 32), phantom(64, 64), PlantedModel(shift=(0.0, 0.0)))
+    assert result.moving_resampled.shape == (64, 64) and result.fused.shape == (64, 64)
+
+
+def test_border_rule_with_planted_shift() -> None:
+    """Where the flow samples outside the moving image, the fused image is the fixed image."""
+    shift = 20.0
+    fixed = np.full((64, 64), 0.2, np.float32)
+    moving = np.ones((64, 64), np.float32)  # bright everywhere: any leak shows
+    result = fuse(moving, fixed, PlantedModel(shift=(shift, 0.0)))
+    outside = result.valid < 1e-3
+    assert outside[:, -15:].all() and not outside[:, :30].any()
+    np.testing.assert_allclose(result.fused[:, -15:], fixed[:, -15:], atol=1e-5)
+    assert result.fused[:, :30].min() > 0.9  # inside, the moving data is there
+
+
+def test_border_rule_with_prealignment_and_the_tiny_network(tiny_model: nn.Module) -> None:
+    fixed = phantom(64, 64)
+    moving = np.zeros_like(fixed)
+    moving[:, :-12] = fixed[:, 12:]  # the anatomy moved 12 px left; no data in the right strip
+    result = fuse(moving, fixed, tiny_model, prealign="rigid")
+    assert result.prealign == "rigid"
+    assert np.median(result.flow[0]) == pytest.approx(-12, abs=1.5)  # total flow: pre-alignment included
+    left = result.valid[:, :8] < 1e-3
+    assert left.all()
+    np.testing.assert_allclose(result.fused[:, :8], fixed[:, :8], atol=1e-4)
+
+
+def test_grey_rgb_moving_gives_rgb_output_with_neutral_chroma(tiny_model: nn.Module) -> None:
+    grey = phantom(shift=2)
+    result = fuse(np.repeat(grey[..., None], 3, axis=-1), phantom(), tiny_model)
+    assert result.is_colour and result.fused.shape == (64, 64, 3) and result.warped.shape == (64, 64, 3)
+    np.testing.assert_allclose(result.fused[..., 0], result.fused[..., 1], atol=1e-5)
+    np.testing.assert_allclose(result.fused[..., 1], result.fused[..., 2], atol=1e-5)
+
+
+def test_colour_chroma_is_warped_not_fused() -> None:
+    """Cb/Cr of the fused image are the moving image's, moved by the flow (here: zero flow)."""
+    ys, xs = np.mgrid[0:64, 0:64] / 63.0
+    rgb = np.stack([0.3 + 0.4 * xs, 0.5 * np.ones_like(xs), 0.3 + 0.4 * ys], axis=-1).astype(np.float32)
+    fixed = np.full((64, 64), 0.5, np.float32)
+    result = fuse(rgb, fixed, PlantedModel(shift=(0.0, 0.0)))
+    fused_ycc, moving_ycc = rgb_to_ycbcr(result.fused), rgb_to_ycbcr(rgb)
+    np.testing.assert_allclose(fused_ycc[..., 1:], moving_ycc[..., 1:], atol=2e-3)
+    # and Y is the fused luma: max(moving Y, fixed) for the planted max-fusion
+    np.testing.assert_allclose(fused_ycc[..., 0], np.maximum(moving_ycc[..., 0], 0.5), atol=0.02)
+
+
+def test_volume_arrays_are_fused_slice_by_slice_in_batches(tiny_model: nn.Module) -> None:
+    volume = np.stack([phantom(32, 48, shift=s) for s in (0, 1, 2)])
+    calls: list[tuple[int, int, str]] = []
+    model = PlantedModel(shift=(0.0, 0.0))
+    result = fuse(volume, volume, model, batch_size=2, progress=lambda *a: calls.append(a))
+    assert result.is_volume and result.prealign == "rigid"  # the volume default
+    assert result.fused.shape == (3, 32, 48) and result.flow.shape == (3, 2, 32, 48)
+    assert [c[:2] for c in calls] == [(2, 3), (3, 3)]
+    assert [s[0] for s in model.inputs] == [2, 1]
+
+
+def test_pair_errors_name_the_problem() -> None:
+    model = PlantedModel(shift=(0.0, 0.0))
+    with pytest.raises(InputError, match=r"volume but the fixed image is 2-D"):
+        fuse(np.zeros((3, 32, 32), np.float32), phantom(32, 32), model)
+    with pytest.raises(InputError, match=r"colour \(RGB\).*the fixed image must be the grey MRI"):
+        colour = np.stack([phantom(), np.zeros((64, 64), np.float32), phantom()], axis=-1)
+        fuse(phantom(), colour, model)
+    with pytest.raises(InputError, match=r"moving array has values in \[.*, 2\]; expected \[0, 1\]"):
+        fuse(phantom() * 2, phantom(), model)
+    with pytest.raises(InputError, match=r"NaN"):
+        fuse(np.full((64, 64), np.nan, np.float32), phantom(), model)
+    with pytest.raises(InputError, match=r"prealign must be one of"):
+        fuse(phantom(), phantom(), model, prealign="bspline")  # type: ignore[arg-type]
+
+
+def test_uint8_arrays_are_scaled() -> None:
+    fixed = (phantom() * 255).astype(np.uint8)
+    result = fuse(fixed, fixed, PlantedModel(shift=(0.0, 0.0)))
+    np.testing.assert_allclose(result.fixed, fixed / 255.0, atol=1e-6)
+
+
+def test_library_never_prints(tiny_model: nn.Module, capsys: pytest.CaptureFixture[str]) -> None:
+    fuse(phantom(), phantom(), tiny_model)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_load_model(tiny_checkpoint: object) -> None:
+    model = load_model(tiny_checkpoint, device="cpu")  # type: ignore[arg-type]
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    assert torch.is_inference_mode_enabled() is False
+
+
+def test_auto_weights_without_a_release_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsafuse import weights
+
+    monkeypatch.setattr(weights, "REGISTRY", {})
+    colour = np.stack([phantom()] * 3, axis=-1)
+    with pytest.raises(WeightsError, match=r"--weights auto chose 'pet-mri'.*--weights path/to/best\.pt"):
+        load_model("auto", device="cpu", moving=colour)

@@ -1,0 +1,235 @@
+"""weights.py: registry resolution order, sha256 verification, safe loading, no network."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bsafuse import weights
+from bsafuse.cli import app
+from bsafuse.errors import WeightsError
+from bsafuse.weights import Checkpoint
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a socket in these tests is a failure."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a weights test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Env dir, user cache and shipped dir all point into tmp_path; the registry starts empty."""
+    dirs = {name: tmp_path / name for name in ("env", "cache", "shipped")}
+    for d in dirs.values():
+        d.mkdir()
+    monkeypatch.setenv(weights.ENV_DIR, str(dirs["env"]))
+    monkeypatch.setattr(weights.platformdirs, "user_cache_path", lambda *_a, **_k: dirs["cache"])
+    monkeypatch.setattr(weights, "SHIPPED_DIRS", (dirs["shipped"],))
+    monkeypatch.setattr(weights, "REGISTRY", {})
+    return dirs
+
+
+def register(monkeypatch: pytest.MonkeyPatch, payload: bytes, *, url: str | None = None) -> Checkpoint:
+    ckpt = Checkpoint("ct-mri", "ct.pt", hashlib.sha256(payload).hexdigest(), url=url)
+    monkeypatch.setitem(weights.REGISTRY, ckpt.name, ckpt)
+    return ckpt
+
+
+def test_resolution_order_env_then_cache_then_shipped(
+    isolated: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(monkeypatch, b"weights")
+    (isolated["shipped"] / "ct.pt").write_bytes(b"weights")
+    assert weights.resolve("ct-mri") == isolated["shipped"] / "ct.pt"
+    (isolated["cache"] / "ct.pt").write_bytes(b"weights")
+    assert weights.resolve("ct-mri") == isolated["cache"] / "ct.pt"
+    (isolated["env"] / "ct.pt").write_bytes(b"weights")
+    assert weights.resolve("ct-mri") == isolated["env"] / "ct.pt"
+
+
+def test_env_dir_is_searched_first_even_when_unset_elsewhere(isolated: dict[str, Path]) -> None:
+    assert weights.search_dirs()[0] == isolated["env"]
+    assert weights.download_dir() == isolated["env"]
+
+
+def test_sha_mismatch_is_a_weights_error(isolated: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    register(monkeypatch, b"the released file")
+    (isolated["cache"] / "ct.pt").write_bytes(b"something else")
+    with pytest.raises(WeightsError, match=r"ct\.pt does not match its published sha256.*delete it"):
+        weights.resolve("ct-mri")
+
+
+def test_explicit_path_is_used_as_given(tmp_path: Path, isolated: dict[str, Path]) -> None:
+    mine = tmp_path / "best.pt"
+    mine.write_bytes(b"x")
+    assert weights.resolve(str(mine)) == mine
+    assert weights.resolve(mine) == mine
+
+
+def test_unknown_name_and_missing_file(isolated: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match=r"'nope' is neither an existing file nor a known name"):
+        weights.resolve("nope")
+    with pytest.raises(WeightsError, match=r"is a folder"):
+        weights.resolve(tmp_path)
+
+
+def test_reserved_name_without_release_says_how_to_pass_a_checkpoint(isolated: dict[str, Path]) -> None:
+    with pytest.raises(
+        WeightsError, match=r"no released 'pet-mri' weights exist yet.*--weights path/to/best\.pt"
+    ):
+        weights.resolve("pet-mri")
+
+
+def test_registered_but_absent_without_url(
+    isolated: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(monkeypatch, b"w")
+    with pytest.raises(WeightsError, match=r"are in none of: .*BSAFUSE_WEIGHTS_DIR"):
+        weights.resolve("ct-mri")
+
+
+def test_download_goes_through_part_file_and_is_verified(
+    isolated: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = b"released weights" * 1000
+    register(monkeypatch, payload, url="https://example.invalid/ct.pt")
+    opened: list[str] = []
+
+    def opener(url: str) -> io.BytesIO:
+        opened.append(url)
+        assert not (isolated["env"] / "ct.pt").exists()  # never written in place
+        return io.BytesIO(payload)
+
+    monkeypatch.setattr(weights, "_urlopen", opener)
+    path = weights.resolve("ct-mri")
+    assert path == isolated["env"] / "ct.pt" and path.read_bytes() == payload
+    assert opened == ["https://example.invalid/ct.pt"]
+    assert not list(isolated["env"].glob("*.part"))
+    assert weights.resolve("ct-mri") == path and len(opened) == 1  # found, not fetched again
+
+
+def test_corrupt_download_is_removed(isolated: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    register(monkeypatch, b"good", url="https://example.invalid/ct.pt")
+    monkeypatch.setattr(weights, "_urlopen", lambda url: io.BytesIO(b"tampered"))
+    with pytest.raises(WeightsError, match="does not match its published sha256"):
+        weights.resolve("ct-mri")
+    assert list(isolated["env"].iterdir()) == []
+
+
+def test_failed_download_names_the_url(isolated: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    register(monkeypatch, b"good", url="https://example.invalid/ct.pt")
+
+    def offline(url: str) -> io.BytesIO:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(weights, "_urlopen", offline)
+    with pytest.raises(
+        WeightsError, match=r"could not download 'ct-mri' from https://example\.invalid/ct\.pt"
+    ):
+        weights.resolve("ct-mri")
+
+
+def test_auto_name() -> None:
+    assert weights.auto_name(is_colour=False) == "ct-mri"
+    assert weights.auto_name(is_colour=False, modality="NM") == "ct-mri"
+    assert weights.auto_name(is_colour=True, modality="PT") == "pet-mri"
+    assert weights.auto_name(is_colour=True) == "pet-mri"
+    assert weights.auto_name(is_colour=True, modality="NM") == "spect-mri"
+
+
+# ------------------------------------------------------------------------------ save and load
+
+
+def test_save_load_round_trip(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    model = weights.load_checkpoint(tiny_checkpoint)
+    data = weights.read_checkpoint(tiny_checkpoint)
+    assert data["format"] == 1 and isinstance(data["bsafuse_version"], str)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, data["state_dict"][key])
+    again = weights.save_checkpoint(tmp_path / "sub" / "copy.pt", model, epoch=3, metrics={"ssim": 0.5})
+    assert weights.read_checkpoint(again)["epoch"] == 3
+    assert [p.name for p in again.parent.iterdir()] == ["copy.pt"]  # written atomically
+
+
+def test_half_checkpoint_is_smaller_and_loads_as_float32(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    model = weights.load_checkpoint(tiny_checkpoint)
+    half = weights.save_checkpoint(tmp_path / "half.pt", model, half=True)
+    assert half.stat().st_size < 0.6 * tiny_checkpoint.stat().st_size
+    loaded = weights.load_checkpoint(half)
+    for key, value in loaded.state_dict().items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32
+            assert torch.allclose(value, model.state_dict()[key], atol=1e-2, rtol=1e-3)
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "config": {}, "state_dict": Payload()}, path)
+    with pytest.raises(WeightsError, match=r"evil\.pt holds Python objects.*refuses to unpickle code"):
+        weights.load_checkpoint(path)
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file at all")
+    with pytest.raises(WeightsError, match=r"junk\.pt is not a readable torch checkpoint"):
+        weights.load_checkpoint(junk)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(WeightsError, match=r"plain\.pt is not a bsafuse checkpoint"):
+        weights.load_checkpoint(plain)
+    with pytest.raises(WeightsError, match=r"does not exist"):
+        weights.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_config_that_does_not_fit_the_weights(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from bsafuse.config import ModelConfig
+
+    data = weights.read_checkpoint(tiny_checkpoint)
+    data["config"] = ModelConfig.paper().to_dict()
+    path = tmp_path / "mismatch.pt"
+    torch.save(data, path)
+    with pytest.raises(WeightsError, match=r"mismatch\.pt cannot be loaded: .*does not fit its config"):
+        weights.load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+
+def test_cli_list_path_verify(isolated: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["weights", "list"])
+    assert result.exit_code == 0, result.output
+    assert "ct-mri" in result.output and "not released yet" in result.output
+    result = runner.invoke(app, ["weights", "verify"])
+    assert result.exit_code == 0 and "nothing to verify" in result.output
+    result = runner.invoke(app, ["weights", "path", "ct-mri"])
+    assert result.exit_code == 1 and "no released 'ct-mri' weights exist yet" in result.output
+
+    register(monkeypatch, b"good")
+    (isolated["cache"] / "ct.pt").write_bytes(b"good")
+    result = runner.invoke(app, ["weights", "path", "ct-mri"])
+    assert result.exit_code == 0 and result.stdout.strip() == str(isolated["cache"] / "ct.pt")
+    result = runner.invoke(app, ["weights", "list", "--json"])
+    assert '"verified": true' in result.stdout
+    (isolated["cache"] / "ct.pt").write_bytes(b"bad")
+    result = runner.invoke(app, ["weights", "verify"])
+    assert result.exit_code == 1 and "do not match their sha256" in result.output
+    assert "Traceback" not in result.output
