@@ -18,6 +18,7 @@ from bsafuse.errors import InputError
 from bsafuse.io import MedicalImage
 
 ImageLike = MedicalImage | np.ndarray | Tensor
+MIN_SIDE = 2  # pixels: the smallest image side accepted
 
 
 def pair_in_fixed_grid(moving: ImageLike, fixed: ImageLike) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -35,6 +36,7 @@ def pair_in_fixed_grid(moving: ImageLike, fixed: ImageLike) -> tuple[np.ndarray,
             )
         fixed_px = fixed_px[..., 0]  # an RGB file holding a grey image
     moving_px = _pixels(moving, "moving")
+    _check_content(moving, moving_px, fixed, fixed_px)
     fixed_volume = fixed_px.ndim == 3
     moving_volume = moving_px.ndim == 3 and not _is_colour(moving, moving_px)
     if fixed_volume != moving_volume:
@@ -51,11 +53,29 @@ def pair_in_fixed_grid(moving: ImageLike, fixed: ImageLike) -> tuple[np.ndarray,
         moving_px = _resample_world(moving, fixed)
     elif spatial != fixed_px.shape:
         moving_px = _resize(moving_px, fixed_px.shape)
-    if min(fixed_px.shape[-2:]) < 2:
-        raise InputError(
-            f"{_name(fixed, 'the fixed image')} is {fixed_px.shape}; images need at least 2 x 2 pixels"
-        )
     return moving_px, fixed_px, fixed_volume
+
+
+def _check_content(moving: ImageLike, moving_px: np.ndarray, fixed: ImageLike, fixed_px: np.ndarray) -> None:
+    """Refuse images too small to hold anatomy, and a blank fixed image.
+
+    An all-zero *moving* image is accepted: a slice without CT/PET/SPECT signal is legitimate (the
+    end of a volume, a cold PET slice) and is fused like any other. An all-zero *fixed* image leaves
+    nothing to register to and nothing to fuse into, and almost always means a wrong file or slice.
+    """
+    for image, pixels, role in ((moving, moving_px, "moving"), (fixed, fixed_px, "fixed")):
+        plane = pixels.shape[:2] if _is_colour(image, pixels) else pixels.shape[-2:]
+        if min(plane) < MIN_SIDE:
+            size = " x ".join(map(str, plane))
+            raise InputError(
+                f"{_name(image, f'the {role} image')} is {size} pixels; images need at least "
+                f"{MIN_SIDE} x {MIN_SIDE} pixels"
+            )
+    if not fixed_px.any():
+        raise InputError(
+            f"{_name(fixed, 'the fixed image')} is blank (every pixel is 0 after normalisation): there is "
+            "nothing to register to. Check the file (and --slice, for a volume)"
+        )
 
 
 def _pixels(image: ImageLike, role: str) -> np.ndarray:

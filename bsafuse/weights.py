@@ -259,15 +259,20 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
             f"{path} is not a readable torch checkpoint (corrupt, truncated or another format)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        detail = " ".join(str(exc).split())[:200]
+        detail = " ".join(str(exc).split())[:200] or ("it ends early" if isinstance(exc, EOFError) else "-")
         raise WeightsError(
             f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {detail})"
         ) from None
-    if not isinstance(data, dict) or "state_dict" not in data or "config" not in data:
-        keys = sorted(data)[:6] if isinstance(data, dict) else type(data).__name__
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("state_dict"), dict)
+        or not all(isinstance(key, str) for key in data["state_dict"])
+        or not isinstance(data.get("config"), dict)
+    ):
+        keys = sorted(map(str, data))[:6] if isinstance(data, dict) else type(data).__name__
         raise WeightsError(
-            f"{path} is not a bsafuse checkpoint (expected a dict with 'format', 'config' and "
-            f"'state_dict'; found {keys}); save models with bsafuse.weights.save_checkpoint"
+            f"{path} is not a bsafuse checkpoint (expected a dict holding 'format', a 'config' dict and a "
+            f"'state_dict' dict of named tensors; found {keys}); save models with bsafuse.weights.save_checkpoint"
         )
     if data.get("format") != FORMAT:
         raise WeightsError(

@@ -10,18 +10,27 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bsafuse.errors import BsafuseError
 
-err = Console(stderr=True, highlight=False)  # all human-facing output; stdout stays free for --json
+# All human-facing output; stdout stays free for --json. No emoji codes: a file named "a:bone:.png"
+# must print as it is.
+err = Console(stderr=True, highlight=False, emoji=False)
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 def fail(message: str) -> NoReturn:
-    """Print one red line on stderr and exit with code 1."""
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    """Print one red line on stderr and exit with code 1.
+
+    The message is printed literally: Rich markup in it is escaped (a hint such as
+    `pip install "bsafuse[dicom-codecs]"` or a file named `scan[bold].png` must survive), and line
+    breaks from library messages are folded so the error stays on one line.
+    """
+    text = escape(" ".join(message.split()))
+    err.print(f"[bold red]error:[/] {text}", markup=True, soft_wrap=True)
     raise typer.Exit(code=1)
 
 

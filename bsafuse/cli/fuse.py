@@ -8,10 +8,11 @@ from __future__ import annotations
 import enum
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -53,8 +54,15 @@ def parse_window(value: str | None) -> tuple[float, float] | None:
     return centre, width
 
 
-Moving = Annotated[Path, typer.Argument(help="CT/PET/SPECT image, DICOM series folder, or a folder of them.")]
-Fixed = Annotated[Path, typer.Argument(help="MRI image, DICOM series folder, or a folder of them.")]
+# readable=False: Typer would refuse an unreadable path as a usage error (exit 2, a boxed message);
+# bsafuse reports it itself as an expected failure (one line naming the file, exit 1).
+Moving = Annotated[
+    Path,
+    typer.Argument(readable=False, help="CT/PET/SPECT image, DICOM series folder, or a folder of them."),
+]
+Fixed = Annotated[
+    Path, typer.Argument(readable=False, help="MRI image, DICOM series folder, or a folder of them.")
+]
 Weights = Annotated[
     str,
     typer.Option("--weights", help="auto, a registry name (ct-mri, pet-mri, spect-mri) or a .pt checkpoint."),
@@ -68,7 +76,10 @@ Prealign = Annotated[
     ),
 ]
 SaveFlow = Annotated[
-    Path | None, typer.Option("--save-flow", help="Write the flow: .npy (2,H,W) float32 pixels or .nii.gz.")
+    Path | None,
+    typer.Option(
+        "--save-flow", readable=False, help="Write the flow: .npy (2,H,W) float32 pixels or .nii.gz."
+    ),
 ]
 Pattern = Annotated[str, typer.Option("--pattern", help="Folder runs: file names to pair (glob).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Folder runs: redo pairs whose outputs exist.")]
@@ -86,7 +97,8 @@ def fuse(
     moving: Moving,
     fixed: Fixed,
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Fused image (format from suffix) or folder.")
+        Path,
+        typer.Option("--output", "-o", readable=False, help="Fused image (format from suffix) or folder."),
     ],
     weights: Weights = "auto",
     device: Device = "auto",
@@ -94,9 +106,11 @@ def fuse(
     prealign: Prealign = None,
     save_flow: SaveFlow = None,
     save_warped: Annotated[
-        Path | None, typer.Option("--save-warped", help="Also write the warped moving image.")
+        Path | None, typer.Option("--save-warped", readable=False, help="Also write the warped moving image.")
     ] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Write a PNG panel of the result.")] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", readable=False, help="Write a PNG panel of the result.")
+    ] = None,
     pattern: Pattern = "*",
     overwrite: Overwrite = False,
     slice_index: Slice = None,
@@ -132,18 +146,34 @@ def run_command(mode: str, moving: Path, fixed: Path, output: Path, *, json: boo
     from bsafuse.api import fuse_files  # torch is loaded here, not at `bsafuse --help`
 
     _log_to_stderr()
+    seen: dict[str, int] = {}  # pairs done so far in a folder run, for the Ctrl-C summary
+    try:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err, transient=True, disable=not err.is_terminal,
+        ) as bar:  # fmt: skip
+            task = bar.add_task(mode, total=None)
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True, disable=not err.is_terminal,
-    ) as bar:  # fmt: skip
-        task = bar.add_task(mode, total=None)
+            def step(done: int, total: int, what: str) -> None:
+                if what != "slices":  # folder runs count pairs; single pairs count volume slices
+                    seen.update(done=done, total=total)
+                bar.update(task, completed=done, total=total, description=f"{mode} {what}")
 
-        def step(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{mode} {what}")
-
-        result = fuse_files(moving, fixed, output, mode=mode, progress=step, **kwargs)  # type: ignore[arg-type]
+            result = fuse_files(moving, fixed, output, mode=mode, progress=step, **kwargs)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        interrupted(seen)
     render(result, json=json)
+
+
+def interrupted(seen: dict[str, int]) -> NoReturn:
+    """Ctrl-C: say how far the run got (finished outputs are complete files) and exit 130."""
+    where = f" with {seen['done']} of {seen['total']} pairs processed" if seen else ""
+    err.print(
+        f"[yellow]interrupted[/]{where}; every output written so far is complete. Run the same command "
+        "again to finish: finished pairs are skipped",
+        soft_wrap=True,
+    )
+    raise typer.Exit(code=130)
 
 
 def _log_to_stderr() -> None:
@@ -164,13 +194,14 @@ def render(report: FuseReport, *, json: bool) -> None:
         if item.status == "failed":
             fail(item.error or "failed")
         err.print(
-            f"wrote {item.output} in {item.seconds:.1f} s (weights: {weights}; device: {report.device})",
+            f"wrote {escape(str(item.output))} in {item.seconds:.1f} s "
+            f"(weights: {escape(weights)}; device: {report.device})",
             soft_wrap=True,
         )
         return
     err.print(
         f"{len(report.ok)} done, {len(report.skipped)} skipped (outputs exist; --overwrite redoes them), "
-        f"{len(report.failed)} failed (weights: {weights}; device: {report.device})",
+        f"{len(report.failed)} failed (weights: {escape(weights)}; device: {report.device})",
         soft_wrap=True,
     )
     if report.failed:
@@ -178,6 +209,6 @@ def render(report: FuseReport, *, json: bool) -> None:
         table.add_column("moving", no_wrap=True)
         table.add_column("reason", overflow="fold")
         for item in report.failed:
-            table.add_row(item.moving.name if item.moving else "", item.error or "")
+            table.add_row(escape(item.moving.name) if item.moving else "", escape(item.error or ""))
         err.print(table)
         fail(f"{len(report.failed)} of {len(report.items)} pairs failed")

@@ -40,7 +40,8 @@ def register(
     moving: Moving,
     fixed: Fixed,
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Warped image (format from suffix) or folder.")
+        Path,
+        typer.Option("--output", "-o", readable=False, help="Warped image (format from suffix) or folder."),
     ],
     weights: Weights = "auto",
     device: Device = "auto",

@@ -65,7 +65,8 @@ def _format(path: Path) -> str:
     if by_suffix is None and suffix in DICOM_SUFFIXES:
         by_suffix = "dicom"
     if kind is not None:
-        if by_suffix is not None and by_suffix != kind:
+        # Content wins, and a misleading name is worth a warning (DICOM names are free-form: no warning).
+        if by_suffix != kind and not (by_suffix is None and (kind == "dicom" or suffix == ".gz")):
             logger.warning(
                 "%s holds %s data despite its suffix; reading it as %s", path, kind.upper(), kind.upper()
             )

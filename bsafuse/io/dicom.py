@@ -20,8 +20,10 @@ Patient tags are never read into messages or logs.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,6 +36,7 @@ from bsafuse.io.intensity import bit_depth_map
 MAGIC = b"DICM"  # at byte offset 128, after the preamble
 CODECS_HINT = 'pip install "bsafuse[dicom-codecs]"'
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+P = ParamSpec("P")
 
 
 def pydicom_module() -> Any:
@@ -143,6 +146,34 @@ def _colour(path: Path, ds: Any, array: NDArray[Any], frames: int) -> MedicalIma
     )
 
 
+def interprets_header(
+    reader: Callable[Concatenate[Path, P], MedicalImage],
+) -> Callable[Concatenate[Path, P], MedicalImage]:
+    """Turn a malformed header value into an InputError naming the file.
+
+    Damaged or non-standard files hold text where numbers belong (NumberOfFrames "abc"), one value
+    where two belong (PixelSpacing), and so on; pydicom hands them over as they are, and converting
+    them raises ValueError or TypeError. Only geometry and pixel-description tags are converted, so
+    the detail never holds patient data.
+    """
+
+    @functools.wraps(reader)
+    def wrapper(path: Path, *args: P.args, **kwargs: P.kwargs) -> MedicalImage:
+        try:
+            return reader(path, *args, **kwargs)
+        except InputError:
+            raise
+        except (ValueError, TypeError) as exc:
+            detail = " ".join(str(exc).split())[:120]
+            raise InputError(
+                f"{path}: its DICOM header holds a value that cannot be interpreted "
+                f"({type(exc).__name__}: {detail}); the file is damaged or non-standard"
+            ) from exc
+
+    return wrapper
+
+
+@interprets_header
 def read_dicom_file(
     path: Path, *, slice_index: int | None = None, axis: str = "z", window: tuple[float, float] | None = None
 ) -> MedicalImage:
@@ -161,6 +192,7 @@ def read_dicom_file(
     )
 
 
+@interprets_header
 def read_dicom_series(
     folder: Path,
     *,
@@ -177,11 +209,13 @@ def read_dicom_series(
         and (p.suffix.lower() in (".dcm", ".ima") or has_magic(p))
     )
     series: dict[str, list[Path]] = {}
+    slice_shape: tuple[int, int] = (0, 0)
     for p in candidates:
         ds = load_dataset(p, header_only=True)
         if "Rows" not in ds:
             continue  # a DICOMDIR, report or other non-image object beside the slices
         series.setdefault(str(ds.get("SeriesInstanceUID", "(no SeriesInstanceUID)")), []).append(p)
+        slice_shape = max(slice_shape, (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)))
     if not series:
         raise InputError(f"{folder} holds no DICOM images; point to a folder of .dcm slices or to one file")
     if len(series) > 1:
@@ -191,7 +225,7 @@ def read_dicom_series(
             "folder and pass that folder, or pass a single file"
         )
     candidates = next(iter(series.values()))
-    check_size((len(candidates),), folder)
+    check_size((len(candidates), *slice_shape), folder)  # before any slice's pixels are read
     datasets = [read_dataset(p) for p in candidates]
     frames = [decode(ds, p) for p, ds in zip(candidates, datasets, strict=True)]
     if any(f.shape != frames[0].shape or f.ndim != 2 for f in frames):

@@ -23,6 +23,7 @@ from bsafuse.errors import InputError
 from bsafuse.io.intensity import IntensityMap
 
 MAX_SIDE = 8192  # pixels: larger images are refused (memory and decode time)
+MAX_VOXELS = 512 * 512 * 1024  # voxels in a volume (1 GiB as float32): larger ones are refused
 ROUNDING = 1e-6  # pixels this far outside [0, 1] (float rounding) are clipped, not refused
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -232,11 +233,20 @@ def take_view(volume_zyx: NDArray[Any], axis: str, index: int) -> NDArray[Any]:
 
 
 def check_size(shape: tuple[int, ...], path: Path | str) -> None:
-    """Refuse images with a side above MAX_SIDE pixels, before their pixels are decoded."""
+    """Refuse images with a side above MAX_SIDE pixels, or volumes above MAX_VOXELS voxels.
+
+    Called with the sizes a header claims, before any pixel is decoded or memory is allocated, so
+    a damaged or hostile header cannot exhaust memory.
+    """
     if any(n > MAX_SIDE for n in shape):
         raise InputError(
             f"{path} is {' x '.join(map(str, shape))} pixels; bsafuse accepts at most {MAX_SIDE} "
             "per side. Downsample or crop it first"
+        )
+    if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+        raise InputError(
+            f"{path} is {' x '.join(map(str, shape))} voxels; bsafuse accepts volumes of at most "
+            f"{MAX_VOXELS:,} voxels. Crop or downsample it first"
         )
 
 

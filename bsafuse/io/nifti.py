@@ -66,8 +66,8 @@ def _load(path: Path, volume: int | None) -> tuple[Any, NDArray[np.float64]]:
         proxy: Any = img.dataobj[..., index] if len(shape) == 4 else img.dataobj[:, :, :, index, ...]
     elif len(shape) > 3:
         raise InputError(
-            f"{path} is {len(shape)}-D, shape {shape}; bsafuse reads one 3-D volume at a time: pass "
-            f"volume=N to read_image (0 to {shape[3] - 1}) or extract one first (fslroi, nibabel)"
+            f"{path} is {len(shape)}-D, shape {shape}; bsafuse reads one 3-D volume at a time: extract "
+            f"one first (e.g. fslroi IN OUT N 1), or in Python pass volume=N to read_image (0 to {shape[3] - 1})"
         )
     elif len(shape) < 2:
         raise InputError(f"{path} has shape {shape}; expected a 2-D image or a 3-D volume")

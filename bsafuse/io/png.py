@@ -28,11 +28,25 @@ def _ihdr_bit_depth(path: Path) -> int:
     return header[24] if len(header) == 25 else 8
 
 
+def _check_ihdr_size(path: Path) -> None:
+    """Refuse an oversized PNG from its IHDR chunk, before Pillow sees it.
+
+    Pillow warns about (or raises on) "decompression bombs" itself, in its own words and on
+    stderr; the header alone says enough to refuse the file with bsafuse's message.
+    """
+    with path.open("rb") as f:
+        header = f.read(24)
+    if len(header) == 24 and header[12:16] == b"IHDR":
+        width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+        check_size((height, width), path)
+
+
 def read_png(path: Path, *, window: tuple[float, float] | None = None) -> MedicalImage:
     """Read a PNG as a `MedicalImage` (no geometry: spacing 1, origin 0)."""
+    _check_ihdr_size(path)
     try:
         image = Image.open(path)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"{path} is not a readable PNG ({exc}); check the file is complete") from exc
     with image:
         check_size((image.height, image.width), path)
