@@ -167,6 +167,7 @@ def total_loss(
     label: Tensor,
     mu: float = 1.0,
     weights: LossWeights | None = None,
+    flow_true: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_total (Eq. 14) and its detached terms.
 
@@ -174,6 +175,8 @@ def total_loss(
     misalignment is made on the fly). `moving` is accepted for symmetry and checked; the losses
     read its warped version ``out.warped``. Terms: ce1, ce2, consis, smooth, struct, inten, grad,
     total, and ssim_fused_moving / ssim_fused_fixed (batch sums of SSIM, for `update_mu`).
+    With ``weights.flow > 0`` and the ground-truth `flow_true` (N, 2, H, W), a supervised
+    end-point term ``flow`` joins them (not in the paper; see LossWeights.flow).
     """
     weights = weights or LossWeights()
     check_same_size(moving, fixed, names=("moving", "fixed"))
@@ -193,6 +196,10 @@ def total_loss(
     terms["struct"], s_moving, s_fixed = structure_loss(out.fused, target, fixed, mu)
     terms["inten"] = intensity_loss(out.fused, target, fixed)
     terms["grad"] = gradient_loss(out.fused, target, fixed)
+    if weights.flow > 0:
+        if flow_true is None:
+            raise ValueError("LossWeights.flow > 0 needs flow_true, the ground-truth registration flow")
+        terms["flow"] = endpoint_loss(out.flow, flow_true)
     loss = sum(getattr(weights, name) * terms[name] for name in terms)
     assert isinstance(loss, Tensor)
     terms = {name: value.detach() for name, value in terms.items()}
@@ -200,6 +207,13 @@ def total_loss(
     terms["ssim_fused_moving"] = s_moving.detach().sum()
     terms["ssim_fused_fixed"] = s_fixed.detach().sum()
     return loss, terms
+
+
+def endpoint_loss(flow: Tensor, flow_true: Tensor) -> Tensor:
+    """Mean end-point error |phi - phi_true| in pixels (fp32). Shapes: (N, 2, H, W) each."""
+    check_shape(flow_true, "N 2 H W", name="flow_true")
+    check_same_size(flow, flow_true, names=("flow", "flow_true"))
+    return torch.linalg.vector_norm(flow.float() - flow_true.float(), dim=1).mean()
 
 
 def update_mu(

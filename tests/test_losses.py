@@ -226,3 +226,17 @@ def test_update_mu_is_the_ssim_ratio_clipped() -> None:
     assert update_mu(torch.tensor(8.0), torch.tensor(4.0)) == pytest.approx(2.0)
     assert update_mu(100.0, 1.0) == 10.0
     assert update_mu(1.0, 0.0) == 1.0
+
+
+def test_flow_term_is_the_mean_end_point_error_and_off_by_default(generator: torch.Generator) -> None:
+    a, b = blobs(generator), blobs(generator)
+    out = fake_output((a + b) / 2, a)  # its flow is zero everywhere
+    truth = torch.zeros_like(out.flow)
+    truth[:, 0], truth[:, 1] = 3.0, 4.0  # |(3, 4)| = 5 pixels at every pixel
+    _, paper = total_loss(out, moving=a, fixed=b, label=a, flow_true=truth)
+    assert "flow" not in paper  # the paper's recipe has no supervised flow term
+    loss, terms = total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(flow=2.0), flow_true=truth)
+    assert terms["flow"].item() == pytest.approx(5.0)
+    assert loss.item() == pytest.approx(paper["total"].item() + 10.0, rel=1e-6)
+    with pytest.raises(ValueError, match="needs flow_true"):
+        total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(flow=1.0))

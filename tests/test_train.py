@@ -1,0 +1,288 @@
+"""bsafuse.training: the Trainer on a tiny synthetic data folder (small model, 32 px), and the CLI's
+argument handling. Exact resume is checked in process here; kills and signals in test_train_resume."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_data import make_folder
+from typer.testing import CliRunner
+
+from bsafuse.cli import app
+from bsafuse.errors import DeviceError, InputError, OutputError
+from bsafuse.training import TrainConfig, Trainer, TrainEvent, read_resume
+from bsafuse.weights import load_checkpoint, read_checkpoint
+
+NAMES = ["1001", "1002", "2001", "2002", "3001", "3002"]  # cases 1, 2 train (4 pairs), 3 validates
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("data") / "CT-MRI", NAMES, size=32)
+
+
+def tiny_config(data: Path, run: Path, **changes: Any) -> TrainConfig:
+    values: dict[str, Any] = {
+        "image_size": 32,
+        "epochs": 3,
+        "batch_size": 2,
+        "val_every": 1,
+        "workers": 0,
+        "val_cases": ("3",),
+        "lr": 2e-4,
+        "device": "cpu",
+    }
+    return TrainConfig.preset("quick", data_dir=data, run_dir=run, **{**values, **changes})
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _same_numbers(a: list[dict[str, str]], b: list[dict[str, str]]) -> None:
+    timing = {"seconds", "samples_per_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a] == [
+        {k: v for k, v in r.items() if k not in timing} for r in b
+    ]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    sa, sb = read_checkpoint(a)["state_dict"], read_checkpoint(b)["state_dict"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three uninterrupted epochs: the reference the resumed runs must reproduce."""
+    run = tmp_path_factory.mktemp("full")
+    events: list[TrainEvent] = []
+    result = Trainer(tiny_config(tiny_data, run), callback=events.append).fit()
+    assert result.epochs_done == 3 and not result.stopped
+    assert [e.kind for e in events if e.kind != "step"] == ["start", "epoch", "epoch", "epoch", "done"]
+    return run
+
+
+def test_fit_writes_run_files(full_run: Path) -> None:
+    assert {p.name for p in full_run.iterdir()} >= {"config.json", "metrics.csv", "last.pt", "best.pt"}
+    rows = _rows(full_run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    for column in (
+        "lr",
+        "mu",
+        "train_total",
+        "train_consis",
+        "train_smooth",
+        "val_epe",
+        "val_epe_none",
+        "val_ncc",
+        "val_q_abf",
+    ):
+        assert all(r[column] != "" for r in rows), column
+    assert float(rows[0]["lr"]) == pytest.approx(2e-4) and float(rows[2]["lr"]) < float(rows[1]["lr"])
+    last = read_checkpoint(full_run / "last.pt")
+    assert (last["epoch"], last["step"]) == (3, 0)
+    assert {"optimizer", "scheduler", "mu", "rng", "metrics", "train"} <= last.keys()
+    assert last["train"]["config"]["image_size"] == 32
+    best_epe = min(float(r["val_epe"]) for r in rows)
+    assert read_checkpoint(full_run / "best.pt")["metrics"]["best_val_epe"] == pytest.approx(
+        best_epe, rel=1e-4
+    )
+
+
+def test_trained_checkpoint_is_a_fusion_checkpoint(full_run: Path) -> None:
+    model = load_checkpoint(full_run / "best.pt").eval()
+    assert model.config.image_size == 32
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
+    assert out.fused.shape == (1, 1, 32, 32)
+
+
+def _stop_at(trainer_box: list[Trainer], epoch: int, step: int | None) -> Callable[[TrainEvent], None]:
+    """Ask for a stop after `step` of `epoch` (None: at the end of the epoch)."""
+
+    def callback(event: TrainEvent) -> None:
+        if (event.kind, event.epoch, event.step if step else None) == (
+            "step" if step else "epoch",
+            epoch,
+            step,
+        ):
+            trainer_box[0].request_stop()
+
+    return callback
+
+
+def test_resume_at_an_epoch_boundary_is_exact(tiny_data: Path, full_run: Path, tmp_path: Path) -> None:
+    box: list[Trainer] = []
+    box.append(Trainer(tiny_config(tiny_data, tmp_path), callback=_stop_at(box, epoch=2, step=None)))
+    assert box[0].fit().epochs_done == 2
+    config, state = read_resume(tmp_path / "last.pt")
+    assert state["step"] == 0
+    result = Trainer(config, resume=state).fit()
+    assert result.epochs_done == 3
+    _same_weights(full_run / "last.pt", tmp_path / "last.pt")
+    _same_numbers(_rows(full_run), _rows(tmp_path))
+
+
+def test_stop_mid_epoch_saves_and_resumes_exactly(tiny_data: Path, full_run: Path, tmp_path: Path) -> None:
+    box: list[Trainer] = []
+    box.append(Trainer(tiny_config(tiny_data, tmp_path), callback=_stop_at(box, epoch=2, step=1)))
+    result = box[0].fit()
+    assert result.stopped and result.epochs_done == 1
+    saved = read_checkpoint(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 1)
+    assert len(_rows(tmp_path)) == 1
+    config, state = read_resume(tmp_path / "last.pt")
+    assert Trainer(config, resume=state).fit().epochs_done == 3
+    _same_weights(full_run / "last.pt", tmp_path / "last.pt")
+    _same_numbers(_rows(full_run), _rows(tmp_path))
+
+
+def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tiny_data: Path, tmp_path: Path) -> None:
+    Trainer(tiny_config(tiny_data, tmp_path, epochs=1)).fit()
+    with (tmp_path / "metrics.csv").open("a") as f:  # as if killed between the row and last.pt
+        f.write("2,0.1,1" + "," * 18 + "\n")
+    config, state = read_resume(tmp_path / "last.pt")
+    Trainer(config.resumed_with(epochs=2), resume=state).fit()
+    assert [r["epoch"] for r in _rows(tmp_path)] == ["1", "2"]
+
+
+def test_bf16_on_a_cpu_is_refused_before_any_work(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(DeviceError, match="bf16 runs on CUDA only"):
+        Trainer(tiny_config(tiny_data, tmp_path, precision="bf16"))
+
+
+def test_a_fresh_run_does_not_overwrite_a_run(full_run: Path, tiny_data: Path) -> None:
+    with pytest.raises(OutputError, match="already holds a run"):
+        Trainer(tiny_config(tiny_data, full_run)).fit()
+
+
+def test_resume_may_extend_epochs_but_not_change_the_recipe() -> None:
+    config = TrainConfig(data_dir="d", run_dir="r", epochs=10)
+    assert config.resumed_with(epochs=20, lr=config.lr, workers=0).epochs == 20
+    with pytest.raises(InputError, match=r"cannot change --lr 0.001 \(the run has 5e-05\)"):
+        config.resumed_with(lr=1e-3)
+
+
+def test_presets_and_overrides() -> None:
+    paper = TrainConfig.preset("paper", data_dir="d", run_dir="r")
+    assert (paper.model, paper.lr, paper.lr_min, paper.batch_size, paper.epochs, paper.losses.inten) == (
+        "paper",
+        5e-5,
+        5e-7,
+        32,
+        3000,
+        0.5,
+    )
+    quick = TrainConfig.preset("quick", data_dir="d", run_dir="r", epochs=None, batch_size=4)
+    assert quick.model == "small" and quick.image_size == 64 and quick.batch_size == 4
+    assert TrainConfig.from_dict(quick.to_dict()) == quick
+    with pytest.raises(InputError, match="--image-size 100"):
+        dataclasses.replace(quick, image_size=100)
+
+
+# ---------------------------------------------------------------- command line
+runner = CliRunner()
+
+
+def test_cli_help_lists_the_training_options() -> None:
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in (
+        "--preset",
+        "--config",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--device",
+        "--precision",
+        "--workers",
+        "--seed",
+        "--resume",
+        "--val-cases",
+        "--val-every",
+        "--image-size",
+    ):
+        assert option in result.output
+
+
+def test_cli_needs_a_run_folder(tiny_data: Path) -> None:
+    result = runner.invoke(app, ["train", str(tiny_data)])
+    assert result.exit_code == 2
+
+
+def test_cli_refuses_to_resume_a_weights_only_checkpoint(tiny_checkpoint: Path) -> None:
+    result = runner.invoke(app, ["train", "--resume", str(tiny_checkpoint)])
+    assert result.exit_code == 1
+    assert "no training state" in result.output and "Traceback" not in result.output
+
+
+def test_cli_bad_data_folder_is_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "has no MRI/ folder" in result.output
+
+
+def test_cli_trains_and_the_result_fuses(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [
+        "train",
+        str(tiny_data),
+        "-o",
+        str(run),
+        "--preset",
+        "quick",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--val-cases",
+        "3",
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "val EPE" in result.output and (run / "best.pt").is_file()
+    fused = tmp_path / "fused.png"
+    result = runner.invoke(
+        app,
+        [
+            "fuse",
+            str(tiny_data / "CT" / "1001.png"),
+            str(tiny_data / "MRI" / "1001.png"),
+            "-o",
+            str(fused),
+            "--weights",
+            str(run / "best.pt"),
+            "--device",
+            "cpu",
+        ],
+    )
+    if "not available" in result.output:
+        pytest.skip("bsafuse fuse is not in this build yet")
+    assert result.exit_code == 0, result.output
+    assert fused.is_file()
+
+
+def test_cli_resume_auto_starts_then_continues(tiny_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", str(tiny_data), "-o", str(run), "--preset", "quick", "--image-size", "32", "--batch-size", "4",
+            "--workers", "0", "--val-cases", "3", "--device", "cpu", "--resume", "auto"]  # fmt: skip
+    assert runner.invoke(app, [*args, "--epochs", "1"]).exit_code == 0  # nothing to resume: starts
+    result = runner.invoke(app, [*args, "--epochs", "2"])  # resumes from run/last.pt
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+    assert read_checkpoint(run / "last.pt")["epoch"] == 2
