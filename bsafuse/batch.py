@@ -5,10 +5,15 @@ output takes the fixed file's name (so its format) inside the output folder. A p
 when all of its requested outputs exist; finished pairs are skipped unless ``overwrite``. A bad
 pair is recorded with its reason and the run goes on. No input file is ever overwritten, and every
 file is written atomically (a temporary name, then ``os.replace``).
+
+Folder runs stream (`bsafuse.pipeline`): the next pairs are read and finished ones written while the
+network computes. Under ``torchrun`` every process takes its own shard of the pairs and rank 0
+reports them all (`bsafuse.sharding`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -17,9 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from bsafuse.errors import BsafuseError, DeviceError, InputError, OutputError, WeightsError
+from bsafuse.flow_files import save_flow
 from bsafuse.io import MedicalImage, read_image, write_image
 
 if TYPE_CHECKING:
@@ -46,6 +50,7 @@ class PairOutcome:
     error: str | None = None
     seconds: float = 0.0
     weights: str | None = None
+    rank: int = 0  # the torchrun process that handled the pair (0 without torchrun)
 
 
 @dataclass
@@ -56,6 +61,13 @@ class FuseReport:
     device: str = ""
     folder: bool = False  # paired two folders (else one pair of files)
     items: list[PairOutcome] = field(default_factory=list)
+    rank: int = 0  # under torchrun: this process's rank; rank 0's report holds every rank's pairs
+    world_size: int = 1  # processes that shared the run
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this report is the one to show (False on torchrun ranks other than 0)."""
+        return self.rank == 0
 
     @property
     def ok(self) -> list[PairOutcome]:
@@ -82,6 +94,7 @@ class FuseReport:
             "mode": self.mode,
             "device": self.device,
             "folder": self.folder,
+            "processes": self.world_size,
             "weights": self.weights,
             "ok": len(self.ok),
             "skipped": len(self.skipped),
@@ -132,52 +145,30 @@ def _check_not_input(path: Path, inputs: tuple[Path, ...]) -> None:
             raise OutputError(f"{path} is an input; refusing to overwrite it. Choose another output name")
 
 
-def save_flow(path: Path, flow: np.ndarray, *, like: MedicalImage | None = None) -> Path:
-    """Write a flow atomically: `.npy` as (2, H, W) / (D, 2, H, W) float32, or NIfTI.
+@dataclass
+class _Job:
+    """One pair of a folder run: its place in the sorted pair list and its files."""
 
-    The NIfTI form is a displacement-vector image (intent DISPVECT, shape (X, Y, Z, 1, 2)) in the
-    fixed image's voxel order and affine, as bsafuse.io writes the fixed image itself. Its two
-    components are bsafuse's (x = column, y = row) displacements in pixels of the fixed image as
-    bsafuse reads it (LPS order), not millimetres.
-    """
-    name = path.name.lower()
-    if name.endswith(".npy"):
-        from bsafuse.io.atomic import atomic_path
-
-        with atomic_path(path) as tmp:
-            np.save(tmp, np.asarray(flow, dtype=np.float32))
-        return path
-    if name.endswith((".nii", ".nii.gz")):
-        return _save_flow_nifti(path, np.asarray(flow, dtype=np.float32), like)
-    raise InputError(f"--save-flow {path}: use a .npy or .nii.gz file name")
+    index: int
+    moving: Path
+    fixed: Path
+    outputs: _Outputs
 
 
-def _save_flow_nifti(path: Path, flow: np.ndarray, like: MedicalImage | None) -> Path:
-    from bsafuse.io.atomic import atomic_path
-    from bsafuse.io.image import NiftiLayout, reorder
-    from bsafuse.io.nifti import LPS_TO_RAS, nibabel_module
-
-    nib = nibabel_module()
-    components = flow if flow.ndim == 3 else flow.transpose(1, 0, 2, 3)  # (2, H, W) or (2, D, H, W)
-    xyz = [c.T[:, :, None] if c.ndim == 2 else c.transpose(2, 1, 0) for c in components]
-    layout = like.nifti if like is not None else None
-    if layout is None:
-        world = like.index_to_world() if like is not None else np.eye(4)
-        layout = NiftiLayout(LPS_TO_RAS @ world, np.eye(4, dtype=np.int64), xyz[0].shape)
-    values = np.stack([reorder(c, layout.index_map) for c in xyz], axis=-1)  # (X, Y, Z, 2)
-    values = values.reshape(*values.shape[:3], 1, 2).astype(np.float32)
-    image = nib.Nifti1Image(values, layout.affine)
-    image.header.set_intent("vector", (), name="bsafuse flow px")
-    image.header.set_xyzt_units("mm")
-    image.set_sform(layout.affine, code=layout.sform_code or 2)
-    with atomic_path(path) as tmp:
-        nib.save(image, tmp)
-    return path
+@dataclass
+class _Loaded:
+    moving: MedicalImage
+    fixed: MedicalImage
 
 
 @dataclass
 class Runner:
-    """Loads models as needed (one per checkpoint) and runs pairs; see `bsafuse.api.fuse_files`."""
+    """Loads models as needed (one per checkpoint) and runs pairs; see `bsafuse.api.fuse_files`.
+
+    Folder runs stream (bsafuse.pipeline): the next pairs are read and the finished ones written
+    while the network computes. Under torchrun each process takes its shard of the pairs
+    (bsafuse.sharding) and rank 0 reports them all.
+    """
 
     weights: str | os.PathLike[str]
     model: BSAFusion | None
@@ -189,6 +180,8 @@ class Runner:
     batch_size: int
     progress: Progress | None
     _models: dict[str, BSAFusion] = field(default_factory=dict)
+    _used: dict[int, str] = field(default_factory=dict)  # job index -> weights used
+    _rank: int = 0
 
     def run(
         self,
@@ -203,11 +196,20 @@ class Runner:
         report: Path | None,
     ) -> FuseReport:
         from bsafuse.device import pick_device
+        from bsafuse.sharding import current_shard, device_for
 
-        result = FuseReport(mode=self.mode, device=str(pick_device(self.device)))
+        shard = current_shard()
+        self.device = device_for(shard, self.device)
+        self._rank = shard.rank
+        if not shard.is_main:
+            self.progress = None  # one progress bar: rank 0's
+        result = FuseReport(
+            mode=self.mode, device=str(pick_device(self.device)), rank=shard.rank, world_size=shard.world_size
+        )
         if not is_folder_run(moving, fixed, output):
-            outputs = _Outputs(output, save_flow, save_warped, report)
-            result.items.append(self.run_pair(moving, fixed, outputs, single=True))
+            if shard.is_main:  # one pair: one process does it
+                outputs = _Outputs(output, save_flow, save_warped, report)
+                result.items.append(self.run_pair(moving, fixed, outputs, single=True))
             return result
         result.folder = True
         if output.exists() and not output.is_dir():
@@ -223,61 +225,116 @@ class Runner:
                 f"no file in {moving} has a partner of the same name in {fixed}; folder runs pair files by "
                 "name. To fuse two DICOM series folders as volumes, name an output file (-o fused.nii.gz)"
             )
-        for path in orphans:
-            reason = f"no single file named {pair_stem(path)}.* in {fixed}"
-            result.items.append(PairOutcome(path, None, output / path.name, "failed", reason))
-        for n, (m, f) in enumerate(pairs, start=1):
-            stem = pair_stem(f)
-            outputs = _Outputs(
-                output / f.name,
-                save_flow / f"{stem}.npy" if save_flow else None,
-                save_warped / f.name if save_warped else None,
-                report / f"{stem}.png" if report else None,
-            )
-            if not overwrite and outputs.finished():
-                result.items.append(PairOutcome(m, f, outputs.main, "skipped"))
-            else:
-                result.items.append(self.run_pair(m, f, outputs, single=False))
-            if self.progress is not None:
-                self.progress(n, len(pairs), f.name)
+        if shard.is_main:  # unpaired files are reported once
+            for path in orphans:
+                reason = f"no single file named {pair_stem(path)}.* in {fixed}"
+                result.items.append(PairOutcome(path, None, output / path.name, "failed", reason))
+        jobs = [
+            _Job(i, m, f, _outputs_for(f, output, save_flow, save_warped, report))
+            for i, (m, f) in enumerate(pairs)
+            if shard.owns(i)
+        ]
+        from bsafuse.sharding import Summary
+
+        summary = Summary(shard, self.device)
+        try:
+            outcomes = self._run_jobs(jobs, overwrite=overwrite)
+            gathered = summary.gather([(i, asdict(o)) for i, o in outcomes])
+        finally:
+            summary.close()
+        merged = sorted((i, o) for part in gathered for i, o in part)
+        result.items.extend(PairOutcome(**_paths(o)) for _, o in merged)
         return result
+
+    def _run_jobs(self, jobs: list[_Job], *, overwrite: bool) -> list[tuple[int, PairOutcome]]:
+        """Skip finished pairs, stream the others; (index, outcome) per job, in job order."""
+        from bsafuse.pipeline import stream
+
+        outcomes: dict[int, PairOutcome] = {}
+        todo = []
+        for job in jobs:
+            if not overwrite and job.outputs.finished():
+                outcomes[job.index] = PairOutcome(
+                    job.moving, job.fixed, job.outputs.main, "skipped", rank=self._rank
+                )
+            else:
+                todo.append(job)
+        done = len(outcomes)
+        pipeline = stream(
+            todo,
+            read=self._read,
+            compute=self._compute,
+            write=self._write,
+            recoverable=(BsafuseError, OSError),
+        )
+        with contextlib.closing(pipeline):  # an error below stops the I/O threads too
+            for item in pipeline:
+                job = item.job
+                used = self._used.pop(job.index, None)
+                outcome = self._outcome(job.moving, job.fixed, job.outputs, item.error, item.seconds, used)
+                outcomes[job.index] = outcome
+                done += 1
+                if self.progress is not None:
+                    self.progress(done, len(jobs), job.fixed.name)
+        return sorted(outcomes.items())
 
     def run_pair(self, moving: Path, fixed: Path, outputs: _Outputs, *, single: bool) -> PairOutcome:
         """Read, fuse and write one pair; expected failures become a failed outcome."""
+        start = time.perf_counter()
+        job = _Job(-1, moving, fixed, outputs)
+        error: BaseException | None = None
+        try:
+            self._write(job, self._compute(job, self._read(job), step=self.progress if single else None))
+        except (BsafuseError, OSError) as exc:
+            error = exc
+        return self._outcome(
+            moving, fixed, outputs, error, time.perf_counter() - start, self._used.pop(-1, None)
+        )
+
+    def _read(self, job: _Job) -> _Loaded:
+        job.outputs.check(job.moving, job.fixed)
+        window = self.read_options.get("window")
+        options = {k: v for k, v in self.read_options.items() if k != "window"}
+        return _Loaded(read_image(job.moving, window=window, **options), read_image(job.fixed, **options))
+
+    def _compute(
+        self, job: _Job, loaded: _Loaded, step: Progress | None = None
+    ) -> tuple[FuseResult, _Loaded]:
         from bsafuse.api import fuse
 
-        start = time.perf_counter()
-        used = None
-        try:
-            outputs.check(moving, fixed)
-            window = self.read_options.get("window")
-            options = {k: v for k, v in self.read_options.items() if k != "window"}
-            moving_img = read_image(moving, window=window, **options)
-            fixed_img = read_image(fixed, **options)
-            model, used = self._model_for(moving_img)
-            step = self.progress if single else None
-            res = fuse(
-                moving_img,
-                fixed_img,
-                model,
-                precision=self.precision,
-                prealign=self.prealign,  # type: ignore[arg-type]
-                batch_size=self.batch_size,
-                progress=step,
-            )
-            outputs.write(res, fixed_img, mode=self.mode)
-        except (WeightsError, DeviceError):
-            raise  # no other pair can escape these: stop the run
-        except BsafuseError as exc:
-            return PairOutcome(
-                moving, fixed, outputs.main, "failed", str(exc), time.perf_counter() - start, used
-            )
-        except OSError as exc:  # a full disk or an unwritable folder stops this pair, not the run
-            message = f"cannot write {exc.filename or outputs.main}: {exc.strerror or exc}"
-            return PairOutcome(
-                moving, fixed, outputs.main, "failed", message, time.perf_counter() - start, used
-            )
-        return PairOutcome(moving, fixed, outputs.main, "ok", None, time.perf_counter() - start, used)
+        model, self._used[job.index] = self._model_for(loaded.moving)
+        res = fuse(
+            loaded.moving,
+            loaded.fixed,
+            model,
+            precision=self.precision,
+            prealign=self.prealign,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            progress=step,
+        )
+        return res, loaded
+
+    def _write(self, job: _Job, computed: tuple[FuseResult, _Loaded]) -> None:
+        res, loaded = computed
+        job.outputs.write(res, loaded.fixed, mode=self.mode)
+
+    def _outcome(
+        self,
+        moving: Path,
+        fixed: Path,
+        outputs: _Outputs,
+        error: BaseException | None,
+        seconds: float,
+        used: str | None,
+    ) -> PairOutcome:
+        if isinstance(error, (WeightsError, DeviceError)):
+            raise error  # no other pair can escape these: stop the run
+        if isinstance(error, OSError):  # a full disk or an unwritable folder stops this pair, not the run
+            message = f"cannot write {error.filename or outputs.main}: {error.strerror or error}"
+            return PairOutcome(moving, fixed, outputs.main, "failed", message, seconds, used, self._rank)
+        if error is not None:
+            return PairOutcome(moving, fixed, outputs.main, "failed", str(error), seconds, used, self._rank)
+        return PairOutcome(moving, fixed, outputs.main, "ok", None, seconds, used, self._rank)
 
     def _model_for(self, moving: MedicalImage) -> tuple[BSAFusion, str]:
         from bsafuse.api import choose_weights, load_model
@@ -288,6 +345,26 @@ class Runner:
         if choice not in self._models:
             self._models[choice] = load_model(self.weights, self.device, moving=moving)
         return self._models[choice], choice
+
+
+def _outputs_for(
+    fixed: Path, output: Path, save_flow: Path | None, save_warped: Path | None, report: Path | None
+) -> _Outputs:
+    """The files a folder run writes for the pair whose fixed image is `fixed`."""
+    stem = pair_stem(fixed)
+    return _Outputs(
+        output / fixed.name,
+        save_flow / f"{stem}.npy" if save_flow else None,
+        save_warped / fixed.name if save_warped else None,
+        report / f"{stem}.png" if report else None,
+    )
+
+
+def _paths(outcome: dict[str, Any]) -> dict[str, Any]:
+    """A PairOutcome's fields from `asdict` (as gathered from another process), paths restored."""
+    return {
+        k: Path(v) if k in ("moving", "fixed", "output") and v is not None else v for k, v in outcome.items()
+    }
 
 
 @dataclass

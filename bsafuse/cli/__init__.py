@@ -52,5 +52,8 @@ app.add_typer(weights.app, name="weights", help=weights.HELP, short_help=weights
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (also `python -m bsafuse`, under torchrun too)."""
+    from bsafuse._runtime import tune_process
+
+    tune_process()  # before torch loads: OMP_WAIT_POLICY, malloc (see bsafuse/_runtime.py)
     app()

@@ -186,6 +186,8 @@ def _log_to_stderr() -> None:
 
 def render(report: FuseReport, *, json: bool) -> None:
     """Summary on stderr (JSON on stdout with --json); exit 1 if any pair failed."""
+    if not report.is_main:  # torchrun: rank 0 reports every rank's pairs (bsafuse.sharding)
+        return
     if json:
         print_json(report.to_dict())
     weights = ", ".join(report.weights) or "none loaded"

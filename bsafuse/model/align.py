@@ -28,6 +28,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from bsafuse.config import AlignConfig
+from bsafuse.model.speed import channels_last, fast_path, instance_norm
 from bsafuse.warp import upsample_flow, warp
 
 Direction = Literal["forward", "reverse"]
@@ -59,7 +60,17 @@ class SpatialCrossAttention(nn.Module):
         return x + x * gate.to(x.dtype)
 
     def forward(self, state: Tensor, pair: Tensor) -> Tensor:
-        return self.attend(state, pair) + self.attend(pair, state)
+        if not fast_path():
+            return self.attend(state, pair) + self.attend(pair, state)
+        # both ways as one batch: rows [:n] attend(state, pair), rows [n:] attend(pair, state)
+        n = state.shape[0]
+        both = torch.cat((state, pair))  # (2N, C, h, w)
+        keys = F.relu(self.key(both))
+        score = F.relu(self.query(both)) * torch.cat((keys[n:], keys[:n]))
+        score = score.float()
+        gate = torch.exp(score - score.amax(dim=(-2, -1), keepdim=True)).to(both.dtype)
+        out = torch.addcmul(both, both, gate)  # x + x * gate
+        return out[:n] + out[n:]
 
 
 class RegistrationLayer(nn.Module):
@@ -97,8 +108,12 @@ class RegistrationLayer(nn.Module):
         x = self.attention(state, pair)
         x = x + F.leaky_relu(self.refine(x), 0.2)  # D^i
         flow = torch.tanh(self.flow_head(x).float()) * self.max_step  # (N, 2, h, w) px of this scale
-        next_state = self.state_up(upsample2(x)) if self.state_up is not None else None
-        return flow, next_state
+        if self.state_up is None:
+            return flow, None
+        if not fast_path():
+            return flow, self.state_up(upsample2(x))
+        reduce, act = self.state_up
+        return flow, act(upsample2(reduce(x)))  # the 1x1 conv commutes with the resize (speed.py)
 
 
 class FeatureUp(nn.Sequential):
@@ -112,6 +127,13 @@ class FeatureUp(nn.Sequential):
             nn.InstanceNorm2d(next_channels),
             nn.LeakyReLU(0.2),
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not fast_path():
+            return super().forward(x)
+        up, reduce, spatial, norm, act = self
+        x = up(reduce(x))  # the 1x1 conv commutes with the bilinear resize: run it at low resolution
+        return act(instance_norm(spatial(x), norm))  # type: ignore[arg-type]
 
 
 class AlignmentOutput(NamedTuple):
@@ -154,11 +176,13 @@ class BidirectionalAlignment(nn.Module):
             flows_b.append(flow_b)
             if i < len(self.ups):
                 # Eq. 6: warp each side by its own step flow, then up x2 (both sides as one batch)
-                warped = torch.cat((warp(feat_a, flow_a), warp(feat_b, flow_b)), dim=0)
-                feat_a, feat_b = self.ups[i](warped).chunk(2, dim=0)
-        return AlignmentOutput(
-            total_flow(flows_a, size) - total_flow(flows_b, size), tuple(flows_a), tuple(flows_b)
-        )
+                warped = warp(torch.cat((feat_a, feat_b)), torch.cat((flow_a, flow_b)))
+                feat_a, feat_b = self.ups[i](channels_last(warped)).chunk(2, dim=0)
+        if fast_path():  # resizing is linear: resize each step's phi_A^i - phi_B^i once
+            flow = total_flow([fa - fb for fa, fb in zip(flows_a, flows_b, strict=True)], size)
+        else:
+            flow = total_flow(flows_a, size) - total_flow(flows_b, size)
+        return AlignmentOutput(flow, tuple(flows_a), tuple(flows_b))
 
 
 def total_flow(step_flows: list[Tensor] | tuple[Tensor, ...], size: tuple[int, int]) -> Tensor:

@@ -9,9 +9,14 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
+from bsafuse.model.speed import channels_last, fast_path, pointwise_then_spatial
+
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of a (N, C, H, W) map, as in Restormer."""
+    """LayerNorm over the channels of a (N, C, H, W) map, as in Restormer.
+
+    On channels_last memory the permutes are views: no copy either way.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -43,14 +48,19 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        qkv = self.qkv_spatial(self.qkv(x))
+        qkv = pointwise_then_spatial(x, self.qkv, self.qkv_spatial)  # (n, 3C, h, w)
         q, k, v = rearrange(qkv, "n (three g c) h w -> three n g c (h w)", three=3, g=self.heads)
         # normalise in fp32: a sum of 65 536 squares is too coarse in bf16
         q = F.normalize(q.float(), dim=-1)
         k = F.normalize(k.float(), dim=-1)
         attn = torch.softmax(q @ k.transpose(-2, -1) * self.temperature.float(), dim=-1)  # (n, g, c, c)
-        out = attn.to(v.dtype) @ v  # (n, g, c, hw)
-        return self.project(rearrange(out, "n g c (h w) -> n (g c) h w", h=h, w=w))
+        if not fast_path():
+            out = attn.to(v.dtype) @ v  # (n, g, c, hw)
+            return self.project(rearrange(out, "n g c (h w) -> n (g c) h w", h=h, w=w))
+        # the same product transposed, (v^T attn^T), lands in channels_last memory: no copy for one head
+        out = v.transpose(-2, -1) @ attn.transpose(-2, -1).to(v.dtype)  # (n, g, hw, c)
+        out = rearrange(out, "n g (h w) c -> n h w (g c)", h=h, w=w)
+        return self.project(out.permute(0, 3, 1, 2))  # (n, C, h, w) viewing NHWC memory
 
 
 class GatedFeedForward(nn.Module):
@@ -64,7 +74,7 @@ class GatedFeedForward(nn.Module):
         self.project = nn.Conv2d(hidden, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.spatial(self.expand(x)).chunk(2, dim=1)
+        a, b = pointwise_then_spatial(x, self.expand, self.spatial).chunk(2, dim=1)
         return self.project(F.gelu(a) * b)
 
 
@@ -80,7 +90,7 @@ class RestormerBlock(nn.Module):
         self.feed_forward = GatedFeedForward(out_channels, expansion)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.embed(x)
+        x = channels_last(self.embed(x))
         x = x + self.attention(self.norm1(x))
         return x + self.feed_forward(self.norm2(x))
 

@@ -18,6 +18,7 @@ from bsafuse.config import ModelConfig
 from bsafuse.model.align import BidirectionalAlignment
 from bsafuse.model.encoder import ModalityScorer, SharedEncoder, TransferBlock, inject_modality
 from bsafuse.model.fuse import MultimodalFusion
+from bsafuse.model.speed import fast_path
 from bsafuse.warp import warp
 
 
@@ -62,6 +63,8 @@ class BSAFusion(nn.Module):
         self.align = BidirectionalAlignment(cfg.align)
         self.fuse = MultimodalFusion(cfg)
         self.refresh_modality_scorer()
+        # NHWC weights: convolutions run without layout round trips (model/speed.py)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (stubs lack it)
 
     def refresh_modality_scorer(self) -> None:
         """Copy the encoder's Transformer layers and MLP into the frozen scorer (each epoch)."""
@@ -93,12 +96,15 @@ class BSAFusion(nn.Module):
         pyramid_a, pyramid_b = zip(*(level.chunk(2, dim=0) for level in pyramid), strict=True)
         fused = self.fuse(list(pyramid_a), list(pyramid_b), shallow_a, shallow_b, flow)
 
-        warped = warp(moving, flow)
         # Where the flow samples outside the moving image there is no moving data: take the fixed
         # image there, or the zeros read outside would become a black wedge with a false edge
         # (peer tools show them). The mask only switches the source; it does not train the flow.
         # (The clamp: bilinear weights can sum to 1 + 1 ulp.)
-        valid = warp(torch.ones_like(moving[:, :1]), flow).clamp(0.0, 1.0)
+        if fast_path():  # one resampling pass for the image and its coverage
+            warped, valid = warp(torch.cat((moving, torch.ones_like(moving)), dim=1), flow).chunk(2, dim=1)
+        else:
+            warped, valid = warp(moving, flow), warp(torch.ones_like(moving[:, :1]), flow)
+        valid = valid.clamp(0.0, 1.0)
         mask = valid.detach()
         fused = mask * fused.float() + (1 - mask) * fixed.float()  # fp32, also under autocast
         return FusionOutput(

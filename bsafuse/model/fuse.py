@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from bsafuse.config import ModelConfig
 from bsafuse.model.align import resize_flow, upsample2
 from bsafuse.model.blocks import RestormerBlock
+from bsafuse.model.speed import channels_last
 from bsafuse.warp import warp
 
 
@@ -73,9 +74,9 @@ class MultimodalFusion(nn.Module):
         """pyramid_*: K-1 maps, coarse to fine; shallow_*: (N, C', H, W); flow: (N, 2, H, W)."""
         g: Tensor | None = None
         for block, feat_a, feat_b in zip(self.blocks, pyramid_a, pyramid_b, strict=True):
-            aligned_a = warp(feat_a, resize_flow(flow, (feat_a.shape[-2], feat_a.shape[-1])))
+            aligned_a = channels_last(warp(feat_a, resize_flow(flow, (feat_a.shape[-2], feat_a.shape[-1]))))
             parts = (aligned_a, feat_b) if g is None else (aligned_a, feat_b, g)
             g = block(torch.cat(parts, dim=1))
         assert g is not None
-        x = torch.cat((g, shallow_b, warp(shallow_a, flow)), dim=1)  # (N, C_J + 2C', H, W)
+        x = torch.cat((g, shallow_b, channels_last(warp(shallow_a, flow))), dim=1)  # (N, C_J + 2C', H, W)
         return self.reconstruction(x)

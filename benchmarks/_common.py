@@ -1,0 +1,125 @@
+"""Shared plumbing of the benchmark scripts: process setup, machine facts, timing, tables.
+
+`setup()` must run before torch is imported (OMP_WAIT_POLICY is read when torch loads), so the
+scripts import torch only inside their functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python benchmarks/bench_x.py` without installing
+    sys.path.insert(0, str(REPO))
+
+PUBLIC = {  # the authors' public implementation on the project's 2-core reference machine (SPEC 2a)
+    "latency_b1_s": 0.54,
+    "pairs_per_s_b8": 1.2,
+    "train_step_b2_s": 3.4,
+    "peak_gb": 2.4,
+}
+
+
+def setup(*, threads: int | None, tune: bool) -> dict[str, Any]:
+    """Apply bsafuse's process settings (unless `tune` is off) and the thread count."""
+    from bsafuse._runtime import tune_process
+
+    applied = tune_process() if tune else {"omp_passive": False, "malloc": False}
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return {"tuning": applied, **machine()}
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def timed(
+    fn: Callable[[], object], *, warmup: int, reps: int, sync: Callable[[], None] = lambda: None
+) -> list[float]:
+    """Wall-clock seconds of `reps` calls of `fn` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: Sequence[float]) -> dict[str, float]:
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "reps": len(times),
+    }
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 30) if sys.platform == "darwin" else peak / (1 << 20)
+
+
+def output(rows: list[dict[str, Any]], facts: dict[str, Any], *, title: str, as_json: bool) -> None:
+    """A table on stdout (or one JSON document with --json)."""
+    if as_json:
+        print(json.dumps({"machine": facts, "results": rows}, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("what", "device", "path") else "right")
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    console = Console(width=200)  # no truncated columns when piped
+    console.print(table)
+    console.print(", ".join(f"{k}: {v}" for k, v in facts.items()), soft_wrap=True)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
