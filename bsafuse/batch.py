@@ -387,13 +387,23 @@ class _Outputs:
             _check_not_input(p, inputs)
 
     def write(self, res: FuseResult, fixed: MedicalImage, *, mode: str) -> None:
-        # The main output goes last, so its presence means the pair is complete.
-        if self.flow is not None:
-            save_flow(self.flow, res.flow, like=fixed)
-        if self.warped is not None:
-            write_image(self.warped, res.warped, like=fixed)
-        if self.report is not None:
-            from bsafuse.report import write_report
+        # The main output goes last, so its presence means the pair is complete; if any write
+        # fails, the side outputs this call wrote are removed again (no half-finished pair).
+        written: list[Path] = []
+        try:
+            if self.flow is not None:
+                save_flow(self.flow, res.flow, like=fixed)
+                written.append(self.flow)
+            if self.warped is not None:
+                write_image(self.warped, res.warped, like=fixed)
+                written.append(self.warped)
+            if self.report is not None:
+                from bsafuse.report import write_report
 
-            write_report(self.report, res, title=fixed.path.name if fixed.path else None)
-        write_image(self.main, res.fused if mode == "fuse" else res.warped, like=fixed)
+                write_report(self.report, res, title=fixed.path.name if fixed.path else None)
+                written.append(self.report)
+            write_image(self.main, res.fused if mode == "fuse" else res.warped, like=fixed)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise

@@ -468,11 +468,6 @@ def test_all_zero_moving_image_is_fused(env: Env) -> None:
 # ------------------------------------------------------------------------------ known gap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="batch._Outputs.write keeps the flow/warped/report files it wrote before the main output "
-    "failed (reported for the owner of bsafuse/batch.py); remove this mark once it cleans them up",
-)
 def test_failed_main_write_leaves_no_side_outputs(env: Env) -> None:
     result, _ = invoke(
         env.fuse(env.ct, env.mri, "--save-flow", env.out / "flow.npy", output=env.out / "f.jpg")
