@@ -18,12 +18,12 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bsafuse.errors import InputError, OutputError
+from bsafuse.io.atomic import atomic_path
 from bsafuse.training.config import TrainConfig
 from bsafuse.weights import read_checkpoint
 
@@ -31,16 +31,9 @@ LAST, BEST, METRICS, CONFIG = "last.pt", "best.pt", "metrics.csv", "config.json"
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write text to a temporary file beside `path`, then rename it into place (io.atomic)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
