@@ -28,7 +28,7 @@ HELP = (
     "Train BSAFusion on DATA_DIR (MRI/ plus one of CT/, PET/, SPECT/ holding same-named aligned "
     "images) and write config.json, metrics.csv, last.pt and best.pt into RUN_DIR.\n\n"
     "--preset paper is the paper's recipe (Adam 5e-5 cosine to 5e-7, batch 32, 3000 epochs, 256 px); "
-    "--preset quick trains the small model at 128 px in minutes on a CPU. Options override the preset. "
+    "--preset quick trains the small model at 64 px in minutes on a CPU. Options override the preset. "
     "Resume a killed or stopped run with --resume RUN_DIR/last.pt. Several GPUs or nodes: "
     "torchrun --nproc_per_node N -m bsafuse train ... (batch size is the global batch)."
 )
@@ -117,7 +117,7 @@ def train(
     ] = None,
     image_size: Annotated[
         int | None,
-        typer.Option(help="Working size in pixels, a multiple of 16 (quick: 128).", show_default=False),
+        typer.Option(help="Working size in pixels, a multiple of 16 (quick: 64).", show_default=False),
     ] = None,
     pair: Annotated[
         str | None, typer.Option(help="Pair folder inside DATA_DIR, e.g. ct-mri.", show_default=False)
@@ -129,6 +129,10 @@ def train(
             "paper; paper: 0, quick: 1).",
             show_default=False,
         ),
+    ] = None,
+    grad_clip: Annotated[
+        float | None,
+        typer.Option(help="Clip the gradient norm to this value (default: no clipping).", show_default=False),
     ] = None,
 ) -> None:
     from bsafuse.training import Trainer
@@ -149,6 +153,7 @@ def train(
         "image_size": image_size,
         "pair": pair,
         "loss_weights": {"flow": flow_weight} if flow_weight is not None else None,
+        "grad_clip": grad_clip,
     }
     cfg, state = _configure(data_dir, output, preset.value, resume, overrides)
     dist = setup(cfg.device)

@@ -83,6 +83,8 @@ class TrainConfig:
             raise bad("--batch-size", self.batch_size, "use 1 or more")
         if not (math.isfinite(self.lr) and self.lr > 0) or not (0 <= self.lr_min <= self.lr):
             raise bad("--lr", self.lr, f"use a positive learning rate at least lr_min ({self.lr_min})")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise bad("--grad-clip", self.grad_clip, "use a positive gradient norm")
         if self.val_every < 1:
             raise bad("--val-every", self.val_every, "use 1 or more")
         if self.workers < 0:
