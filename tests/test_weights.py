@@ -233,3 +233,21 @@ def test_cli_list_path_verify(isolated: dict[str, Path], monkeypatch: pytest.Mon
     result = runner.invoke(app, ["weights", "verify"])
     assert result.exit_code == 1 and "do not match their sha256" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_export_strips_training_state_and_prints_the_sha256(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    run = tmp_path / "best.pt"
+    model = weights.load_checkpoint(tiny_checkpoint)
+    weights.save_checkpoint(run, model, epoch=7, optimizer={"state": {}, "param_groups": []}, mu=0.9)
+    out = tmp_path / "release.pt"
+    result = CliRunner().invoke(app, ["weights", "export", str(run), "-o", str(out), "--half"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == hashlib.sha256(out.read_bytes()).hexdigest()
+    data = weights.read_checkpoint(out)
+    assert data["epoch"] == 7 and "optimizer" not in data and "mu" not in data
+    assert all(v.dtype == torch.float16 for v in data["state_dict"].values() if v.is_floating_point())
+    exported = weights.load_checkpoint(out)
+    for (name, a), (_, b) in zip(model.state_dict().items(), exported.state_dict().items(), strict=True):
+        assert torch.allclose(a.float(), b, atol=1e-3 * max(1.0, a.abs().max().item())), name
+    same = CliRunner().invoke(app, ["weights", "export", str(out), "-o", str(out)])
+    assert same.exit_code == 1 and "is the input checkpoint" in same.output

@@ -1,10 +1,11 @@
-"""`bsafuse weights list|path|verify`: what is shipped or cached, where, and whether it is intact.
+"""`bsafuse weights list|path|verify|export`: what is shipped or cached, where, whether it is intact.
 
-None of these commands imports torch.
+`list`, `path` and `verify` do not import torch; `export` does.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -82,3 +83,27 @@ def verify(
         fail(
             f"{len(bad)} checkpoint(s) do not match their sha256: {', '.join(str(r.path) for r in bad)}; delete them"
         )
+
+
+@app.command("export")
+@handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint, e.g. runs/ct/best.pt.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The checkpoint file to write.")],
+    half: Annotated[bool, typer.Option("--half", help="Store the weights as float16 (half the size).")] = False,
+) -> None:
+    """Write a checkpoint for sharing: the model config and weights only, no optimizer or training state.
+
+    Prints the file's sha256 (stdout), the value to register or publish beside it.
+    """
+    from bsafuse import weights
+
+    if output.resolve() == checkpoint.resolve():
+        fail(f"{output} is the input checkpoint; write the export to another file")
+    model = weights.load_checkpoint(checkpoint)
+    source = weights.read_checkpoint(checkpoint)
+    provenance = {k: source[k] for k in ("epoch", "metrics") if k in source}
+    weights.save_checkpoint(output, model, half=half, **provenance)
+    digest = weights.sha256_of(output)
+    err.print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
+    print(digest)
