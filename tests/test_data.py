@@ -202,8 +202,8 @@ def test_pixel_amplitudes_scale_with_the_working_size() -> None:
     assert (p.translate_px, p.elastic_px, p.elastic_spacing_px, p.rotate_deg) == (5, 2, 16, 7)
 
 
-def test_harvard_ct_mri_split_by_case(harvard: Path) -> None:
-    moving_dir, fixed_dir = data.find_pair_folder(harvard / "CT-MRI")
+def test_harvard_ct_mri_split_by_case(harvard_full: Path) -> None:
+    moving_dir, fixed_dir = data.find_pair_folder(harvard_full / "CT-MRI")
     names = data.list_pairs(moving_dir, fixed_dir)
     assert moving_dir.name == "CT" and len(names) == 133
     train, val = data.split_by_case(names, val_cases=["16", "20"])
