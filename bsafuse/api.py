@@ -113,6 +113,16 @@ def choose_weights(
     return weights_mod.auto_name(is_colour=array.ndim == 3 and array.shape[-1] == 3)
 
 
+def resolve_choice(weights: str | os.PathLike[str], choice: str, *, chosen_for: str) -> Path:
+    """The file of `choice` (what `weights` stood for); an "auto" choice says so when it fails."""
+    try:
+        return weights_mod.resolve(choice)
+    except WeightsError as exc:
+        if os.fspath(weights) == "auto":
+            raise WeightsError(f"--weights auto chose {choice!r} for {chosen_for}, but {exc}") from None
+        raise
+
+
 def load_model(
     weights: str | os.PathLike[str] = "auto",
     device: str | torch.device = "auto",
@@ -125,12 +135,7 @@ def load_model(
     sha256-verified; every file is read with weights_only=True.
     """
     choice = choose_weights(weights, moving)
-    try:
-        path = weights_mod.resolve(choice)
-    except WeightsError as exc:
-        if os.fspath(weights) == "auto":
-            raise WeightsError(f"--weights auto chose {choice!r} for this moving image, but {exc}") from None
-        raise
+    path = resolve_choice(weights, choice, chosen_for="this moving image")
     target = pick_device(device)
     model = weights_mod.load_checkpoint(path).to(target).eval()
     model.bsafuse_weights = choice  # type: ignore[assignment]  # what the CLI reports as "weights used"

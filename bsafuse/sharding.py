@@ -35,22 +35,31 @@ from bsafuse.errors import InputError
 SUMMARY_TIMEOUT = timedelta(days=7)  # the longest one rank may wait for the others' summaries
 
 
+class Ranked:
+    """What a process of a torchrun job knows of its place: rank among world_size processes."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this is one of several processes."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process reports and writes the run's shared files (rank 0)."""
+        return self.rank == 0
+
+
 @dataclass(frozen=True)
-class Shard:
+class Shard(Ranked):
     """This process's place among the processes of a run (rank 0 of 1 without torchrun)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def owns(self, index: int) -> bool:
         """Whether item `index` of the sorted list belongs to this process."""

@@ -126,13 +126,13 @@ def train(
         float | None,
         typer.Option(
             help="Weight of a supervised end-point term on the known ground-truth flow (not in the "
-            "paper; paper: 0, quick: 1).",
+            "paper; paper: 0, quick: 5).",
             show_default=False,
         ),
     ] = None,
     grad_clip: Annotated[
         float | None,
-        typer.Option(help="Clip the gradient norm to this value (default: no clipping).", show_default=False),
+        typer.Option(help="Clip the gradient norm to this value (paper: no clipping, quick: 20).", show_default=False),
     ] = None,
 ) -> None:
     from bsafuse.training import Trainer

@@ -206,12 +206,7 @@ def _resolve_weights(
     if choice == "auto":
         by_folder = {"CT": "ct-mri", "PET": "pet-mri", "SPECT": "spect-mri"}
         choice = by_folder.get(modality.upper()) or api.choose_weights("auto", sources[0].moving)
-    try:
-        path = weights_mod.resolve(choice)
-    except WeightsError as exc:
-        if os.fspath(weights) == "auto":
-            raise WeightsError(f"--weights auto chose {choice!r} for this data, but {exc}") from None
-        raise
+    path = api.resolve_choice(weights, choice, chosen_for="this data")
     return path, {"name": choice, "path": str(path), "sha256": weights_mod.sha256_of(path)}
 
 

@@ -15,10 +15,11 @@ import torch.distributed as dist
 
 from bsafuse.device import pick_device
 from bsafuse.errors import DeviceError
+from bsafuse.sharding import Ranked, current_shard
 
 
 @dataclass(frozen=True)
-class Distributed:
+class Distributed(Ranked):
     """Where this process stands: rank among world_size processes, and its device."""
 
     rank: int = 0
@@ -26,17 +27,9 @@ class Distributed:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return current_shard().enabled
 
 
 def setup(device: str = "auto") -> Distributed:
@@ -46,8 +39,8 @@ def setup(device: str = "auto") -> Distributed:
     """
     if not launched_by_torchrun():
         return Distributed(device=pick_device(device))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    shard = current_shard()  # torchrun's environment, checked
+    rank, world, local_rank = shard.rank, shard.world_size, shard.local_rank
     chosen = pick_device(device)
     if chosen.type == "cuda":
         if device not in ("auto", "cuda"):
