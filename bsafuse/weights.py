@@ -64,9 +64,15 @@ class Checkpoint:
     url: str | None = None  # None: shipped with the package, never downloaded
 
 
-# Empty until trained weights are released; then e.g.
-# Checkpoint("ct-mri", "bsafuse-ct-mri-v1.pt", sha256="<64 hex>").
-REGISTRY: dict[str, Checkpoint] = {}
+# The checkpoints shipped in weights/ (see weights/MODEL_CARD.md for how each was trained).
+REGISTRY: dict[str, Checkpoint] = {
+    c.name: c
+    for c in (
+        Checkpoint("ct-mri", "bsafuse-ct-mri-v1.pt", "34caa3494cadcfb7aa99314c7bdbb943b74f6981d4d1ba15587ec85f04c0ab74"),
+        Checkpoint("pet-mri", "bsafuse-pet-mri-v1.pt", "1865a99f236e3d276d9dc3ab4e8ce197ed73e2583e7f37002b612dfd3b4b6012"),
+        Checkpoint("spect-mri", "bsafuse-spect-mri-v1.pt", "227424caf377c86226f6d60e3138cd2191d5433b1813a1d854a4c2fb9595fe3e"),
+    )
+}
 
 _urlopen: Callable[..., IO[bytes]] = urllib.request.urlopen  # replaced in tests: no network there
 
