@@ -80,7 +80,7 @@ def test_fuse_without_weights_option_uses_the_shipped_ct_checkpoint(tmp_path: Pa
     result = CliRunner().invoke(
         app,
         ["fuse", str(PAIRS["ct-mri"]).format("CT"), str(PAIRS["ct-mri"]).format("MRI"),
-         "-o", str(out), "--device", "cpu", "--json"],  # fmt: skip
+         "-o", str(out), "--device", "cpu", "--json"],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
