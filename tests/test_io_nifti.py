@@ -177,3 +177,11 @@ def test_shape_must_match_like(tmp_path: Path) -> None:
     like = read_image(save(tmp_path / "v.nii", volume()))
     with pytest.raises(InputError, match=r"shape \(2, 2\).*resample"):
         write_image(tmp_path / "out.nii", np.zeros((2, 2), np.float32), like=like)
+
+
+def test_colour_to_nifti_is_refused_naming_the_output_and_writing_nothing(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+    out = tmp_path / "fused.nii.gz"
+    with pytest.raises(OutputError, match=r"cannot write colour to NIfTI \(.*fused\.nii\.gz\)"):
+        write_image(out, rgb)
+    assert list(tmp_path.iterdir()) == []

@@ -206,6 +206,8 @@ def write_image(
         )
     if image is not like:
         image = like.with_pixels(image.pixels, is_colour=image.is_colour)
+    if image.is_colour and suffix in (".nii", ".nii.gz"):
+        raise OutputError(f"cannot write colour to NIfTI ({path}); write .png or .dcm for colour images")
     with atomic_path(path) as tmp:
         if suffix == ".png":
             from bsafuse.io.png import write_png
