@@ -21,26 +21,7 @@ from bsafuse.weights import load_checkpoint, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["1001", "1002", "2001", "2002", "3001", "3002", "4001", "4002", "5001", "5002"]
-ARGS = [
-    "--preset",
-    "quick",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "2",
-    "--workers",
-    "0",
-    "--val-cases",
-    "5",
-    "--val-every",
-    "1",
-    "--device",
-    "cpu",
-    "--seed",
-    "1",
-]
+ARGS = "--preset quick --image-size 32 --batch-size 4 --epochs 2 --workers 0 --val-cases 5 --val-every 1 --device cpu --seed 1".split()
 
 
 def _free_port() -> int:

@@ -23,24 +23,7 @@ from bsafuse.weights import load_checkpoint, read_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 # 12 training pairs at batch 2: 6 steps per epoch (0.3 to 1 s on 2 CPU cores).
 NAMES = [f"{case}{s:03d}" for case in (1, 2, 3, 4) for s in range(1, 4)] + ["5001", "5002"]
-TRAIN_ARGS = [
-    "--preset",
-    "quick",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "2",
-    "--workers",
-    "0",
-    "--val-cases",
-    "5",
-    "--val-every",
-    "1",
-    "--device",
-    "cpu",
-    "--seed",
-    "3",
-]
+TRAIN_ARGS = "--preset quick --image-size 32 --batch-size 2 --workers 0 --val-cases 5 --val-every 1 --device cpu --seed 3".split()
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from bsafuse.data import REFERENCE_SIZE
 from bsafuse.device import autocast_for
 from bsafuse.losses import total_loss, update_mu
 from bsafuse.model import BSAFusion
+from bsafuse.model.bsafusion import FusionOutput
 from bsafuse.training import run_files
 from bsafuse.training.config import TrainConfig
 from bsafuse.training.distributed import Distributed, all_sum
@@ -326,27 +327,28 @@ class Trainer:
             return True
         return False
 
-    def _train_step(self, batch: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor], int]:
+    def forward_loss(
+        self, net: torch.nn.Module, batch: Mapping[str, Tensor], *, mu: float
+    ) -> tuple[FusionOutput, Tensor, dict[str, Tensor]]:
+        """`net` on a batch (moving, fixed, label, flow) under the run's precision, and L_total."""
         moving, fixed, label, flow_true = (
             batch[k].to(self.device, non_blocking=True) for k in ("moving", "fixed", "label", "flow")
         )
         with autocast_for(self.device, self.config.precision):
-            out = self.net(moving, fixed)
+            out = net(moving, fixed)
             loss, terms = total_loss(
-                out,
-                moving=moving,
-                fixed=fixed,
-                label=label,
-                mu=self.mu,
-                weights=self.loss_weights,
-                flow_true=flow_true,
+                out, moving=moving, fixed=fixed, label=label, mu=mu, weights=self.loss_weights, flow_true=flow_true
             )
+        return out, loss, terms
+
+    def _train_step(self, batch: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor], int]:
+        _, loss, terms = self.forward_loss(self.net, batch, mu=self.mu)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        return float(loss.detach()), terms, moving.shape[0]
+        return float(loss.detach()), terms, batch["moving"].shape[0]
 
     # ----------------------------------------------------------------------------- files
     def _columns(self) -> list[str]:

@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bsafuse.device import autocast_for
-from bsafuse.losses import total_loss
 from bsafuse.metrics import endpoint_error, ncc, q_abf
 from bsafuse.training.distributed import all_sum
 
@@ -61,17 +59,7 @@ def validate(trainer: Trainer, *, mu: float) -> dict[str, Any]:
     with torch.no_grad():
         for start in range(0, n_items, trainer.local_batch):
             batch = {k: v[start : start + trainer.local_batch].to(device) for k, v in items.items()}
-            with autocast_for(device, trainer.config.precision):
-                out = model(batch["moving"], batch["fixed"])
-                _, terms = total_loss(
-                    out,
-                    moving=batch["moving"],
-                    fixed=batch["fixed"],
-                    label=batch["label"],
-                    mu=mu,
-                    weights=trainer.loss_weights,
-                    flow_true=batch["flow"],
-                )
+            out, _, terms = trainer.forward_loss(model, batch, mu=mu)
             n = batch["moving"].shape[0]
             sums["count"] += n
             sums["val_total"] += float(terms["total"]) * n
