@@ -29,11 +29,12 @@ PUBLIC = {  # the authors' public implementation on the project's 2-core referen
 }
 
 
-def setup(*, threads: int | None, tune: bool) -> dict[str, Any]:
-    """Apply bsafuse's process settings (unless `tune` is off) and the thread count."""
+def setup(*, threads: int | None, tune: bool, training: bool = False) -> dict[str, Any]:
+    """Apply bsafuse's process settings (unless `tune` is off; as `bsafuse train` does when
+    `training`) and the thread count."""
     from bsafuse._runtime import tune_process
 
-    applied = tune_process() if tune else {"omp_passive": False, "malloc": False}
+    applied = tune_process(shared_cores=True if training else None) if tune else {"omp_wait_policy": None, "malloc": False}
     import torch
 
     if threads:

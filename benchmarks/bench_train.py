@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    facts = setup(threads=args.threads, tune=not args.no_tune)
+    facts = setup(threads=args.threads, tune=not args.no_tune, training=True)
     import torch
 
     facts.update(config=args.config, path="reference" if args.reference else "optimised")

@@ -6,6 +6,7 @@ start instantly.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -55,5 +56,7 @@ def main() -> None:
     """Console-script entry point (also `python -m bsafuse`, under torchrun too)."""
     from bsafuse._runtime import tune_process
 
-    tune_process()  # before torch loads: OMP_WAIT_POLICY, malloc (see bsafuse/_runtime.py)
+    # before torch loads: OMP_WAIT_POLICY, malloc (see bsafuse/_runtime.py); training shares its
+    # cores with DataLoader workers
+    tune_process(shared_cores=True if "train" in sys.argv[1:2] else None)
     app()
