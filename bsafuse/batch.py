@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from bsafuse.errors import BsafuseError, DeviceError, InputError, OutputError, WeightsError
 from bsafuse.flow_files import save_flow
 from bsafuse.io import MedicalImage, read_image, write_image
+from bsafuse.sharding import Ranked
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +55,7 @@ class PairOutcome:
 
 
 @dataclass
-class FuseReport:
+class FuseReport(Ranked):
     """The outcome of a `fuse_files` run: one PairOutcome per pair."""
 
     mode: str
@@ -63,11 +64,6 @@ class FuseReport:
     items: list[PairOutcome] = field(default_factory=list)
     rank: int = 0  # under torchrun: this process's rank; rank 0's report holds every rank's pairs
     world_size: int = 1  # processes that shared the run
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this report is the one to show (False on torchrun ranks other than 0)."""
-        return self.rank == 0
 
     @property
     def ok(self) -> list[PairOutcome]:
