@@ -19,6 +19,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from bsafuse.cli._common import err, handle_errors
+from bsafuse.cli.fuse import PrecisionChoice
 
 if TYPE_CHECKING:
     from bsafuse.training import TrainConfig, Trainer, TrainEvent
@@ -42,11 +43,6 @@ class PresetName(str, Enum):
 class ModelName(str, Enum):
     paper = "paper"
     small = "small"
-
-
-class PrecisionName(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 @handle_errors
@@ -85,7 +81,7 @@ def train(
         str | None, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.", show_default=False)
     ] = None,
     precision: Annotated[
-        PrecisionName | None, typer.Option(help="fp32, or bf16 autocast (CUDA only).", show_default=False)
+        PrecisionChoice | None, typer.Option(help="fp32, or bf16 autocast (CUDA only).", show_default=False)
     ] = None,
     workers: Annotated[
         int | None, typer.Option(help="DataLoader worker processes.", show_default=False)
