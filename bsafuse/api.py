@@ -25,8 +25,12 @@ How a pair is handled (SPEC 1 and 5):
 - *Borders.* Where the total flow samples outside the moving image there is no moving data, and the
   fused image is the fixed image there (blended by the share of valid moving data).
 - *Pre-alignment.* `prealign="rigid"|"affine"` first registers the moving slice to the fixed one with
-  SimpleITK; the reported flow is the total (pre-alignment composed with the network's flow).
-  Volumes default to `rigid` (per slice, after the world-coordinate resampling), 2-D pairs to `none`.
+  SimpleITK (default: rigid, for 2-D pairs and volume slices alike: the v2 networks are trained on
+  what it leaves); the reported flow is the total (pre-alignment composed with the network's flow).
+- *Guard.* Where the network's flow leaves a slice less similar to the fixed one than the
+  pre-alignment alone (normalised mutual information, which works across modalities), the
+  network's registration is dropped for that slice: the pre-alignment is kept and the network
+  fuses the pre-aligned pair (`FuseResult.fallback_slices`, a logged warning).
 
 The library never prints; progress goes to an optional callback, messages to `logging`.
 """
@@ -43,7 +47,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bsafuse import weights as weights_mod
@@ -51,7 +54,8 @@ from bsafuse._pair import ImageLike, pair_in_fixed_grid
 from bsafuse.device import Precision, autocast_for, pick_device
 from bsafuse.errors import InputError, WeightsError
 from bsafuse.io import MedicalImage, read_image
-from bsafuse.warp import compose_flows, upsample_flow, warp
+from bsafuse.warp import compose_flows, warp
+from bsafuse.working_size import keep_fixed_outside, placement, split_luma
 
 if TYPE_CHECKING:
     from bsafuse.batch import FuseReport
@@ -62,6 +66,7 @@ log = logging.getLogger(__name__)
 Prealign = Literal["none", "rigid", "affine"]
 Progress = Callable[[int, int, str], None]  # (done, total, what) after each step
 PREALIGN_KINDS = ("none", "rigid", "affine")
+DEFAULT_PREALIGN: Prealign = "rigid"  # the v2 networks are trained on what rigid pre-alignment leaves
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ class FuseResult:
     fixed: np.ndarray
     prealign: str
     seconds: float
+    # Slices where the network's flow made the pair less similar (normalised mutual information)
+    # than the pre-alignment alone, and was dropped: the pre-alignment is kept there (SPEC 5).
+    fallback_slices: tuple[int, ...] = ()
 
     @property
     def is_volume(self) -> bool:
@@ -159,17 +167,21 @@ def fuse(
     prealign: Prealign | None = None,
     batch_size: int = 8,
     progress: Progress | None = None,
+    guard: bool = True,
 ) -> FuseResult:
     """Register `moving` onto `fixed` and fuse them with `model`, in the fixed image's grid.
 
     Inputs are MedicalImages (from `bsafuse.io.read_image`) or float arrays in [0, 1] (uint8 and
     uint16 are scaled): moving (H, W), (H, W, 3) RGB or (D, H, W); fixed (H, W) or (D, H, W) grey.
-    `prealign` is "none", "rigid" or "affine"; None means rigid for volumes, none for 2-D pairs.
-    Volume slices go through the network `batch_size` at a time. See the module docstring.
+    `prealign` is "none", "rigid" or "affine"; None means DEFAULT_PREALIGN (rigid). With `guard`,
+    a slice whose pair the network's flow leaves less similar (normalised mutual information)
+    than the pre-alignment alone keeps the pre-alignment (`FuseResult.fallback_slices`, and a
+    logged warning). Volume slices go through the network `batch_size` at a time. See the module
+    docstring.
     """
     start = time.perf_counter()
     moving_px, fixed_px, is_volume = pair_in_fixed_grid(moving, fixed)
-    kind = prealign or ("rigid" if is_volume else "none")
+    kind = prealign or DEFAULT_PREALIGN
     if kind not in PREALIGN_KINDS:
         raise InputError(f"prealign must be one of {', '.join(PREALIGN_KINDS)}, got {kind!r}")
     colour = moving_px.ndim == 3 and moving_px.shape[-1] == 3 and not is_volume
@@ -180,11 +192,22 @@ def fuse(
     for lo in range(0, total, max(1, batch_size)):
         sl = slice(lo, min(lo + max(1, batch_size), total))
         outputs.append(
-            _fuse_slices(moving_s[sl], fixed_s[sl], model, colour=colour, prealign=kind, precision=precision)
+            _fuse_slices(
+                moving_s[sl], fixed_s[sl], model, colour=colour, prealign=kind, precision=precision, guard=guard
+            )
         )
         if progress is not None:
             progress(sl.stop, total, "slices")
-    fused, warped, flow, valid = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
+    fused, warped, flow, valid, dropped = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
+    fallback = tuple(int(i) for i in np.flatnonzero(dropped))
+    if fallback:
+        where = "" if not is_volume else f" in {len(fallback)} of {total} slices"
+        log.warning(
+            "the network's registration made the pair less similar than %s%s; kept %s",
+            "no registration" if kind == "none" else f"{kind} pre-alignment alone",
+            where,
+            "the unregistered pair" if kind == "none" else f"the {kind} pre-alignment",
+        )
     if not is_volume:
         fused, warped, flow, valid = fused[0], warped[0], flow[0], valid[0]
     return FuseResult(
@@ -196,6 +219,7 @@ def fuse(
         fixed=fixed_px,
         prealign=kind,
         seconds=time.perf_counter() - start,
+        fallback_slices=fallback,
     )
 
 
@@ -207,23 +231,29 @@ def _fuse_slices(
     colour: bool,
     prealign: str,
     precision: Precision,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One batch of same-sized slices -> fused, warped, flow (N, 2, H, W), valid, as numpy."""
-    from bsafuse.io.color import rgb_to_ycbcr, ycbcr_to_rgb
+    guard: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of same-sized slices -> fused, warped, flow (N, 2, H, W), valid, dropped (N,)."""
+    from bsafuse.io.color import ycbcr_to_rgb
+    from bsafuse.model import identity_registration
 
-    ycc = rgb_to_ycbcr(moving) if colour else None  # (N, H, W, 3): Y, Cb, Cr
-    grey = ycc[..., 0] if ycc is not None else moving
-    mov = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32))[:, None]  # (N, 1, H, W)
-    fix = torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[:, None]  # (N, 1, H, W)
-    pre = _prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
+    grey, ycc = split_luma(moving, colour=colour)  # ycc: (N, H, W, 3) Y, Cb, Cr
     device = next(model.parameters()).device
-    mov_in = warp(mov, pre) if pre is not None else mov
-    fused_t, net_flow = _network(model, mov_in.to(device), fix.to(device), precision)
-    flow = compose_flows(pre.to(device), net_flow) if pre is not None else net_flow  # total, pixels
-    fix_d = fix.to(device)
-    valid = warp(torch.ones_like(fix_d), flow)
-    # Border rule (SPEC 1): no moving data -> the fused image is the fixed image.
-    fused_t = valid * fused_t + (1 - valid) * fix_d
+    mov = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
+    fix = torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
+    pre = _prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
+    base = pre.to(device) if pre is not None else torch.zeros_like(fix).expand(-1, 2, -1, -1)
+    mov_in = warp(mov, base) if pre is not None else mov
+    fused_t, net_flow = _network(model, mov_in, fix, precision)
+    flow = compose_flows(base, net_flow) if pre is not None else net_flow  # total, pixels
+    # The network must never leave a pair less similar than the pre-alignment did (SPEC 5).
+    dropped = _network_worse(mov, fix, flow, base) if guard else torch.zeros(len(mov), dtype=torch.bool)
+    if dropped.any():
+        with identity_registration(model):
+            fused_base, _ = _network(model, mov_in[dropped], fix[dropped], precision)
+        fused_t, flow = fused_t.clone(), flow.clone()
+        fused_t[dropped], flow[dropped] = fused_base, base[dropped]
+    fused_t, valid = keep_fixed_outside(fused_t, fix, flow)
     if ycc is not None:
         rgb = torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32)).permute(0, 3, 1, 2).to(device)
         chroma = torch.from_numpy(np.ascontiguousarray(ycc[..., 1:], dtype=np.float32)).permute(0, 3, 1, 2)
@@ -231,41 +261,37 @@ def _fuse_slices(
         warped = _np(warp(rgb, flow)).transpose(0, 2, 3, 1)
         fused = ycbcr_to_rgb(np.concatenate([_np(fused_t), _np(chroma)], axis=1).transpose(0, 2, 3, 1))
     else:
-        warped = _np(warp(mov.to(device), flow))[:, 0]
+        warped = _np(warp(mov, flow))[:, 0]
         fused = _np(fused_t)[:, 0]
     return (
         np.clip(fused, 0, 1).astype(np.float32),
         np.clip(warped, 0, 1).astype(np.float32),
         _np(flow),
         _np(valid)[:, 0],
+        _np(dropped),
     )
 
 
+def _network_worse(moving: Tensor, fixed: Tensor, flow: Tensor, base: Tensor) -> Tensor:
+    """(N,) bool: slices whose pair is less similar warped by `flow` than by `base` (NMI)."""
+    from bsafuse.metrics import normalised_mutual_information as nmi
+
+    with_net, with_base = _np(warp(moving, flow))[:, 0], _np(warp(moving, base))[:, 0]
+    fix = _np(fixed)[:, 0]
+    worse = [nmi(a, f) < nmi(b, f) for a, b, f in zip(with_net, with_base, fix, strict=True)]
+    return torch.tensor(worse, dtype=torch.bool, device=moving.device)
+
+
 def _network(model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precision) -> tuple[Tensor, Tensor]:
-    """Run the model at its working size: pad to a square, resize, run, and map back.
+    """Run the model at its working size (bsafuse.working_size) and map its outputs back.
 
     Shapes: (N, 1, H, W) each -> fused (N, 1, H, W), flow (N, 2, H, W) in output pixels.
     """
-    size = int(model_config(model).image_size)
-    h, w = moving.shape[-2:]
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    pad = (left, side - w - left, top, side - h - top)
-
-    def to_working(x: Tensor) -> Tensor:
-        x = F.pad(x, pad)  # zeros: no data, as outside any image
-        if side == size:
-            return x
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True, antialias=side > size)
-
+    height, width = moving.shape[-2:]
+    place = placement(height, width, int(model_config(model).image_size))
     with torch.inference_mode(), autocast_for(moving.device, precision):
-        out = model(to_working(moving), to_working(fixed))
-    fused = out.fused.float()
-    if side != size:
-        fused = F.interpolate(fused, size=(side, side), mode="bilinear", align_corners=True)
-    flow = upsample_flow(out.flow.float(), (side, side))
-    crop = (..., slice(top, top + h), slice(left, left + w))
-    return fused[crop].clamp(0, 1), flow[crop].contiguous()
+        out = model(place.to_working(moving), place.to_working(fixed))
+    return place.image_back(out.fused.float()).clamp(0, 1), place.flow_back(out.flow)
 
 
 def _prealign_flows(moving: np.ndarray, fixed: np.ndarray, kind: str) -> Tensor | None:

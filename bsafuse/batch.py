@@ -52,6 +52,9 @@ class PairOutcome:
     seconds: float = 0.0
     weights: str | None = None
     rank: int = 0  # the torchrun process that handled the pair (0 without torchrun)
+    # Slices (0 for a 2-D pair) where the network's flow was dropped because it left the pair
+    # less similar than the pre-alignment alone (api.FuseResult.fallback_slices).
+    fallback_slices: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -177,6 +180,7 @@ class Runner:
     progress: Progress | None
     _models: dict[str, BSAFusion] = field(default_factory=dict)
     _used: dict[int, str] = field(default_factory=dict)  # job index -> weights used
+    _fallback: dict[int, list[int]] = field(default_factory=dict)  # job index -> fallback slices
     _rank: int = 0
 
     def run(
@@ -267,7 +271,9 @@ class Runner:
             for item in pipeline:
                 job = item.job
                 used = self._used.pop(job.index, None)
-                outcome = self._outcome(job.moving, job.fixed, job.outputs, item.error, item.seconds, used)
+                outcome = self._outcome(
+                    job.moving, job.fixed, job.outputs, item.error, item.seconds, used, job.index
+                )
                 outcomes[job.index] = outcome
                 done += 1
                 if self.progress is not None:
@@ -284,7 +290,7 @@ class Runner:
         except (BsafuseError, OSError) as exc:
             error = exc
         return self._outcome(
-            moving, fixed, outputs, error, time.perf_counter() - start, self._used.pop(-1, None)
+            moving, fixed, outputs, error, time.perf_counter() - start, self._used.pop(-1, None), -1
         )
 
     def _read(self, job: _Job) -> _Loaded:
@@ -308,6 +314,7 @@ class Runner:
             batch_size=self.batch_size,
             progress=step,
         )
+        self._fallback[job.index] = list(res.fallback_slices)
         return res, loaded
 
     def _write(self, job: _Job, computed: tuple[FuseResult, _Loaded]) -> None:
@@ -322,7 +329,9 @@ class Runner:
         error: BaseException | None,
         seconds: float,
         used: str | None,
+        index: int,
     ) -> PairOutcome:
+        fallback = self._fallback.pop(index, [])
         if isinstance(error, (WeightsError, DeviceError)):
             raise error  # no other pair can escape these: stop the run
         if isinstance(error, OSError):  # a full disk or an unwritable folder stops this pair, not the run
@@ -330,7 +339,7 @@ class Runner:
             return PairOutcome(moving, fixed, outputs.main, "failed", message, seconds, used, self._rank)
         if error is not None:
             return PairOutcome(moving, fixed, outputs.main, "failed", str(error), seconds, used, self._rank)
-        return PairOutcome(moving, fixed, outputs.main, "ok", None, seconds, used, self._rank)
+        return PairOutcome(moving, fixed, outputs.main, "ok", None, seconds, used, self._rank, fallback)
 
     def _model_for(self, moving: MedicalImage) -> tuple[BSAFusion, str]:
         from bsafuse.api import choose_weights, load_model

@@ -10,8 +10,8 @@ Names `<case><3-digit slice>` (16003 = case 16, slice 3) are split into training
 *by case*: neighbouring slices of one case are nearly alike. A name that does not start that way
 is a case of its own.
 
-Every image is read once, brought to the working size (padded to a square, then resized), and
-kept in memory. `MisalignedPairs` makes the misalignment per item: the aligned pair is augmented
+Every image is read once, brought to the working size exactly as inference does
+(`bsafuse.working_size`: grey or luma, padded to a centred square, resized), and kept in memory. `MisalignedPairs` makes the misalignment per item: the aligned pair is augmented
 (flips, 90-degree turns, both images alike) and the moving image deformed with `deform.py`,
 giving (moving, fixed, label = the aligned moving image, flow = ground truth with
 ``warp(moving, flow) ~= label``). Its randomness comes from a generator seeded by
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from bsafuse.deform import DeformParams, augment_pair, random_deformation
 from bsafuse.errors import InputError
+from bsafuse.working_size import split_luma, to_working
 
 log = logging.getLogger(__name__)
 
@@ -161,28 +161,18 @@ class PairSet:
 
 
 def _grey(pixels: np.ndarray, *, path: Path, moving: bool) -> np.ndarray:
-    from bsafuse.io.color import rgb_to_ycbcr
-
-    if pixels.ndim == 3 and pixels.shape[-1] == 3:
-        if not moving:
-            raise InputError(f"{path} is a colour image; the fixed image (MRI) must be grey")
-        return np.asarray(rgb_to_ycbcr(pixels))[..., 0]
-    if pixels.ndim != 2:
+    colour = pixels.ndim == 3 and pixels.shape[-1] == 3
+    if colour and not moving:
+        raise InputError(f"{path} is a colour image; the fixed image (MRI) must be grey")
+    grey, _ = split_luma(pixels, colour=colour)
+    if grey.ndim != 2:
         raise InputError(f"{path} is not a 2-D slice (pixels {pixels.shape}); training takes 2-D image pairs")
-    return pixels
+    return grey
 
 
-def to_working_size(image: Tensor, size: int) -> Tensor:
-    """(H, W) -> (S, S): zero-pad to a centred square (never stretch), then resize (area when shrinking)."""
-    h, w = image.shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    square = F.pad(image, (left, side - w - left, top, side - h - top))[None, None]
-    if side != size:
-        mode = "area" if side > size else "bilinear"
-        square = F.interpolate(
-            square, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": True})
-        )
+def _working(image: np.ndarray, size: int) -> Tensor:
+    """(H, W) -> (S, S) float32, prepared as for inference (working_size.to_working)."""
+    square = to_working(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None], size)
     return square[0, 0].clamp(0, 1)
 
 
@@ -201,12 +191,8 @@ def load_pairs(moving_dir: Path, fixed_dir: Path, names: Sequence[str], *, image
                 f"pair {name!r}: {moving_files[name]} is {m.shape} but {fixed_files[name]} is {f.shape}; "
                 "aligned training pairs must have the same size"
             )
-        movings.append(
-            to_working_size(torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)), image_size)
-        )
-        fixeds.append(
-            to_working_size(torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)), image_size)
-        )
+        movings.append(_working(m, image_size))
+        fixeds.append(_working(f, image_size))
     return PairSet(tuple(names), torch.stack(movings)[:, None], torch.stack(fixeds)[:, None], moving_dir.name)
 
 

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 SSIM_WINDOW = 11  # pixels, Gaussian window side (Wang et al. 2004, MONAI)
 SSIM_SIGMA = 1.5  # pixels
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers, for a data range of 1
+# The terms of L_total, each weighed by the LossWeights field of its name (total_loss sums them;
+# the training log has one column per term, in this order). "flow" is present when its weight is.
+LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "inten", "grad", "flow")
+SUMMARY_TERMS = ("total", "ssim_fused_moving", "ssim_fused_fixed")  # also returned by total_loss
 MODALITY_MOVING, MODALITY_FIXED = 1, 0  # class indices: CE(y_A, [0, 1]), CE(y_B, [1, 0]) (Eq. 1)
 
 
@@ -200,7 +204,7 @@ def total_loss(
         if flow_true is None:
             raise ValueError("LossWeights.flow > 0 needs flow_true, the ground-truth registration flow")
         terms["flow"] = endpoint_loss(out.flow, flow_true)
-    loss = sum(getattr(weights, name) * terms[name] for name in terms)
+    loss = sum(getattr(weights, name) * terms[name] for name in LOSS_TERMS if name in terms)
     assert isinstance(loss, Tensor)
     terms = {name: value.detach() for name, value in terms.items()}
     terms["total"] = loss.detach()

@@ -88,15 +88,21 @@ def download_dir() -> Path:
     return search_dirs()[0]
 
 
+MODALITY_WEIGHTS = {"CT": "ct-mri", "PT": "pet-mri", "NM": "spect-mri"}  # DICOM Modality -> weights
+
+
 def auto_name(*, is_colour: bool, modality: str | None = None) -> str:
     """The registry name `--weights auto` picks for a moving image (SPEC 6).
 
-    Grey -> ct-mri; colour -> pet-mri, unless the DICOM Modality says NM (nuclear medicine,
-    i.e. SPECT) -> spect-mri.
+    The DICOM Modality first, for grey and colour images alike: CT -> ct-mri, PT (PET) ->
+    pet-mri, NM (nuclear medicine, i.e. SPECT) -> spect-mri. Without one (PNG, NIfTI, other
+    modalities): grey -> ct-mri, colour -> pet-mri (a colour PNG does not say whether it is PET
+    or SPECT).
     """
-    if not is_colour:
-        return "ct-mri"
-    return "spect-mri" if (modality or "").upper() == "NM" else "pet-mri"
+    by_modality = MODALITY_WEIGHTS.get((modality or "").upper())
+    if by_modality is not None:
+        return by_modality
+    return "pet-mri" if is_colour else "ct-mri"
 
 
 def sha256_of(path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -31,22 +32,57 @@ def phantom(height: int = 64, width: int = 64, *, shift: float = 0.0) -> np.ndar
     return image.astype(np.float32)
 
 
+class _Flow(NamedTuple):
+    flow: torch.Tensor
+
+
+class PlantedAlign(nn.Module):
+    """The registration half of PlantedModel: a constant flow (what identity_registration zeroes)."""
+
+    def __init__(self, shift: tuple[float, float]) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, moving: torch.Tensor) -> _Flow:
+        flow = torch.zeros(moving.shape[0], 2, *moving.shape[-2:])
+        flow[:, 0], flow[:, 1] = self.shift
+        return _Flow(flow)
+
+
 class PlantedModel(nn.Module):
     """Stands in for BSAFusion: a planted constant flow; fusion = the brighter of warped and fixed."""
 
     def __init__(self, shift: tuple[float, float], image_size: int = 64) -> None:
         super().__init__()
         self.config = dataclasses.replace(ModelConfig.small(), image_size=image_size)
-        self.shift = shift
+        self.align = PlantedAlign(shift)
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
         self.inputs: list[tuple[int, ...]] = []
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> SimpleNamespace:
         self.inputs.append(tuple(moving.shape))
-        flow = torch.zeros(moving.shape[0], 2, *moving.shape[-2:])
-        flow[:, 0], flow[:, 1] = self.shift
+        flow = self.align(moving).flow
         warped = warp(moving, flow)
         return SimpleNamespace(fused=torch.maximum(warped, fixed), flow=flow, warped=warped)
+
+
+def test_guard_keeps_the_pre_alignment_where_the_network_makes_things_worse() -> None:
+    aligned = phantom()
+    wrong = PlantedModel(shift=(6.0, 0.0))  # moves an aligned pair 6 px apart
+    result = fuse(aligned, aligned, wrong, prealign="none")
+    assert result.fallback_slices == (0,)
+    assert float(np.abs(result.flow).max()) == 0.0  # the unregistered (aligned) pair is kept
+    np.testing.assert_allclose(result.fused, aligned, atol=0.02)  # max(A, A) = A, no shifted copy
+    assert len(wrong.inputs) == 2  # once with its flow, once fusing with the flow switched off
+    unguarded = fuse(aligned, aligned, PlantedModel(shift=(6.0, 0.0)), prealign="none", guard=False)
+    assert unguarded.fallback_slices == () and float(unguarded.flow[0].mean()) == pytest.approx(6.0, rel=1e-4)
+
+
+def test_guard_keeps_a_network_flow_that_helps() -> None:
+    right = PlantedModel(shift=(4.0, 0.0))  # the moving image is 4 px to the right: +4 samples it back
+    result = fuse(phantom(shift=4), phantom(), right, prealign="none")
+    assert result.fallback_slices == ()
+    assert float(result.flow[0].mean()) == pytest.approx(4.0, rel=1e-4)
 
 
 def test_grey_pair_shapes_and_ranges(tiny_model: nn.Module) -> None:
@@ -56,14 +92,14 @@ def test_grey_pair_shapes_and_ranges(tiny_model: nn.Module) -> None:
     assert result.fused.shape == result.warped.shape == result.valid.shape == (64, 64)
     assert result.flow.shape == (2, 64, 64) and result.flow.dtype == np.float32
     assert 0 <= result.fused.min() and result.fused.max() <= 1
-    assert result.prealign == "none"
+    assert result.prealign == "rigid"  # the default pipeline
     again = fuse(moving, fixed, tiny_model)
     np.testing.assert_array_equal(result.fused, again.fused)  # deterministic
 
 
 def test_working_size_round_trip_rescales_flow_to_output_pixels() -> None:
     model = PlantedModel(shift=(2.0, -1.0), image_size=64)
-    result = fuse(phantom(128, 128), phantom(128, 128), model)
+    result = fuse(phantom(128, 128), phantom(128, 128), model, prealign="none", guard=False)
     assert model.inputs == [(1, 1, 64, 64)]
     np.testing.assert_allclose(result.flow[0], 2.0 * 127 / 63, rtol=1e-5)
     np.testing.assert_allclose(result.flow[1], -1.0 * 127 / 63, rtol=1e-5)

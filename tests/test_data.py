@@ -14,6 +14,7 @@ from bsafuse import data
 from bsafuse.deform import DeformParams
 from bsafuse.errors import InputError
 from bsafuse.warp import warp
+from bsafuse.working_size import to_working
 
 
 def _blob(size: int, seed: int) -> np.ndarray:
@@ -108,13 +109,13 @@ def test_load_pairs_preloads_grey_and_converts_colour_to_y(tmp_path: Path) -> No
     assert pairs.modality == "PET"
     rgb = np.asarray(Image.open(root / "PET" / "16003.png"), dtype=np.float64) / 255
     y = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]  # BT.601 luma
-    expected = torch.nn.functional.avg_pool2d(torch.from_numpy(y)[None, None], 2)[0, 0]
-    torch.testing.assert_close(pairs.moving[0, 0].double(), expected, atol=2e-3, rtol=0)
+    expected = to_working(torch.from_numpy(y).float()[None, None], 16)[0, 0]  # as inference does
+    torch.testing.assert_close(pairs.moving[0, 0], expected, atol=2e-3, rtol=0)
 
 
 def test_non_square_images_are_padded_not_stretched() -> None:
-    image = torch.ones(8, 16)
-    out = data.to_working_size(image, 16)
+    image = torch.ones(1, 1, 8, 16)
+    out = to_working(image, 16)[0, 0]
     assert out.shape == (16, 16)
     assert out[:4].sum() == 0 and out[12:].sum() == 0 and out[4:12].min() == 1
 

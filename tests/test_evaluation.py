@@ -27,7 +27,7 @@ from bsafuse.weights import sha256_of
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 NAMES = ("1001", "1002", "2001")  # cases 1, 1, 2
-METHODS = ("bsafuse", "none", "simpleitk", "simpleitk+bsafuse", "oracle", "average")
+METHODS = ("bsafuse", "network", "rigid", "none", "simpleitk", "simpleitk+bsafuse", "oracle", "average", "max")
 PLANTED = (1.5, -0.5)  # px: the flow the stand-in for SimpleITK returns
 
 
@@ -100,7 +100,10 @@ def test_files_rows_and_settings(run: dict, tiny_checkpoint: Path) -> None:
     assert settings["weights"]["path"] == str(tiny_checkpoint)
     assert settings["seed"] == 0 and settings["deform"]["rotate_deg"] == DeformParams().rotate_deg
     assert settings["pairs"] == list(NAMES) and settings["layout"] == "aligned"
-    assert run["calls"] == ["bspline"] * len(NAMES)  # once per pair, shared by both SimpleITK methods
+    # B-spline once per pair, shared by both SimpleITK methods; rigid once per pair for `bsafuse`
+    # (the default pipeline pre-aligns) and once for `rigid`
+    assert run["calls"].count("bspline") == len(NAMES)
+    assert run["calls"].count("rigid") == len(NAMES) * sum(m in ("bsafuse", "rigid") for m in METHODS)
     for sub in ("moving", "fixed", "label", "flow"):
         assert len(list((run["out"] / "pairs" / sub).iterdir())) == len(NAMES)
     assert len(list((run["out"] / "fused").iterdir())) == len(METHODS)
@@ -150,6 +153,29 @@ def test_average_is_the_mean_of_label_and_fixed(run: dict, data_dir: Path) -> No
     )
     saved = read_image(run["out"] / "fused" / "average" / f"{source.name}.png").pixels
     np.testing.assert_array_equal(to_uint8_levels(saved), to_uint8_levels(result.fused))
+
+
+def test_max_is_the_pixel_maximum_of_label_and_fixed(run: dict, data_dir: Path) -> None:
+    (source, *_) = find_sources(data_dir)[2]
+    case = load_case(source, seed=0, params=DeformParams())
+    result = MethodRunner(None).run("max", case)
+    expected = np.maximum(case.label, case.fixed)
+    assert float(np.abs(expected - (case.label + case.fixed) / 2).max()) > 0.1  # differs from average
+    np.testing.assert_array_equal(result.fused, expected)
+    assert result.flow is None and result.warped is None
+    assert float(rows_of(run, "max")[0]["q_abf"]) == pytest.approx(
+        fusion_scores(result.fused, case.label, case.fixed)["q_abf"], rel=1e-12
+    )
+
+
+def test_rigid_flow_is_the_pre_alignment_and_network_runs_without_it(run: dict) -> None:
+    for row in rows_of(run, "rigid"):
+        planted = np.zeros((2, *flow_true(run, row["pair"]).shape[1:]), np.float32)
+        planted[0], planted[1] = PLANTED
+        assert float(row["epe_mean"]) == pytest.approx(
+            float(np.linalg.norm(planted - flow_true(run, row["pair"]), axis=0).mean()), rel=1e-4
+        )
+    assert all(r["error"] == "" and r["epe_mean"] != "" for r in rows_of(run, "network"))
 
 
 def test_same_seed_same_deformation_whatever_the_selection(data_dir: Path) -> None:

@@ -89,6 +89,27 @@ def test_grey_with_alpha_and_bilevel_read_as_grey(tmp_path: Path, mode: str) -> 
     np.testing.assert_array_equal(image.pixels, levels / np.float32(255))
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+def test_grey_stored_with_equal_colour_channels_is_grey(tmp_path: Path, mode: str) -> None:
+    levels = np.array([[0, 37, 255], [128, 5, 200]], dtype=np.uint8)
+
+    def saved(name: str, palette: list[int]) -> Path:
+        if mode != "P":
+            rgb = np.asarray(palette, np.uint8).reshape(-1, 3)[levels]
+            return save(tmp_path / name, rgb, mode)
+        image = Image.fromarray(levels, "P")  # pixel values index a 256-entry palette
+        image.putpalette(palette)
+        image.save(tmp_path / name)
+        return tmp_path / name
+
+    grey_ramp = [v for i in range(256) for v in (i, i, i)]
+    image = read_image(saved("g.png", grey_ramp))
+    assert not image.is_colour and image.pixels.shape == (2, 3)
+    np.testing.assert_array_equal(image.pixels, levels / np.float32(255))
+    tinted = [v for i in range(256) for v in (i, i, i // 2)]  # one channel differs: colour
+    assert read_image(saved("c.png", tinted)).is_colour
+
+
 def test_window_maps_raw_grey_levels(tmp_path: Path) -> None:
     levels = np.array([[0, 100, 200]], dtype=np.uint8)
     image = read_image(save(tmp_path / "w.png", levels), window=(100, 100))
@@ -159,7 +180,9 @@ def test_slice_index_on_png_is_refused(tmp_path: Path) -> None:
 
 
 def test_window_on_colour_is_refused(tmp_path: Path) -> None:
-    path = save(tmp_path / "rgb.png", np.zeros((3, 3, 3), np.uint8))
+    colour = np.zeros((3, 3, 3), np.uint8)
+    colour[0, 0] = (200, 10, 10)  # not grey: equal channels would make it a grey image
+    path = save(tmp_path / "rgb.png", colour)
     with pytest.raises(InputError, match=r"rgb\.png is a colour image"):
         read_image(path, window=(40, 400))
 

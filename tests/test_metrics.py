@@ -20,6 +20,7 @@ from bsafuse.metrics import (
     fusion_metrics,
     jacobian_determinant,
     ncc,
+    normalised_mutual_information,
     q_abf,
     q_cv,
     q_s,
@@ -200,6 +201,20 @@ def test_ncc_by_hand() -> None:
     assert ncc(a, 2 * a + 7) == pytest.approx(1.0)
     assert ncc(a, -a) == pytest.approx(-1.0)
     assert math.isnan(ncc(a, np.ones((1, 3))))
+
+
+def test_normalised_mutual_information_by_hand() -> None:
+    a = np.array([[0.0, 0.0], [1.0, 1.0]])
+    # b determines a (a relabelling, as across modalities): H(A) = H(B) = H(A, B) = ln 2 -> 2
+    assert normalised_mutual_information(a, 1 - a) == pytest.approx(2.0)
+    # independent halves: H(A) = H(B) = ln 2, H(A, B) = ln 4 -> 1
+    assert normalised_mutual_information(a, a.T) == pytest.approx(1.0)
+    # three of four pixels agree: H(A) = ln 2, H(B) = H(3/4, 1/4), H(A, B) = H(1/2, 1/4, 1/4)
+    b = np.array([[0.0, 1.0], [1.0, 1.0]])
+    h = lambda *p: -sum(q * math.log(q) for q in p)  # noqa: E731
+    expected = (h(0.5, 0.5) + h(0.25, 0.75)) / h(0.5, 0.25, 0.25)
+    assert normalised_mutual_information(a, b, bins=2) == pytest.approx(expected)
+    assert normalised_mutual_information(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
 
 
 def test_ncc_with_a_mask_ignores_the_rest() -> None:

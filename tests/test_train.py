@@ -85,8 +85,12 @@ def test_fit_writes_run_files(full_run: Path) -> None:
         "val_epe_none",
         "val_ncc",
         "val_q_abf",
+        "train_flow",  # the quick recipe's supervised term (LossWeights.flow = 5) is logged too
     ):
         assert all(r[column] != "" for r in rows), column
+    from bsafuse.losses import LOSS_TERMS
+
+    assert {f"train_{t}" for t in LOSS_TERMS} <= set(rows[0])  # one column per term of L_total
     assert float(rows[0]["lr"]) == pytest.approx(2e-4) and float(rows[2]["lr"]) < float(rows[1]["lr"])
     last = read_checkpoint(full_run / "last.pt")
     assert (last["epoch"], last["step"]) == (3, 0)
@@ -153,6 +157,30 @@ def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tiny_data: Path
     config, state = read_resume(tmp_path / "last.pt")
     Trainer(config.resumed_with(epochs=2), resume=state).fit()
     assert [r["epoch"] for r in _rows(tmp_path)] == ["1", "2"]
+
+
+def test_init_fine_tunes_from_weights_at_another_working_size(full_run: Path, tmp_path: Path) -> None:
+    from bsafuse.training.trainer import initial_model
+
+    source = read_checkpoint(full_run / "best.pt")
+    model = initial_model(str(full_run / "best.pt"), 64)  # trained at 32 px
+    assert model.config.image_size == 64
+    assert model.config.align.max_step == pytest.approx(2 * source["config"]["align"]["max_step"])
+    state = model.state_dict()
+    for key, value in source["state_dict"].items():
+        if key.endswith("position"):  # the learned positional map, resized to the new size
+            assert state[key].shape[-2:] == (64, 64) and value.shape[-2:] == (32, 32)
+            # exactly what the encoder itself would use at 64 px (encoder.positional_map)
+            resized = torch.nn.functional.interpolate(value, size=(64, 64), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(state[key], resized, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    # a run with init starts from those weights, with a fresh optimiser and schedule
+    data_dir = source["train"]["config"]["data_dir"]
+    trainer = Trainer(tiny_config(Path(data_dir), tmp_path, epochs=1, image_size=64, init=str(full_run / "best.pt")))
+    assert trainer.scheduler.last_epoch == 0 and not trainer.optimizer.state
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
 
 
 def test_bf16_on_a_cpu_is_refused_before_any_work(tiny_data: Path, tmp_path: Path) -> None:

@@ -144,7 +144,9 @@ def test_failed_download_names_the_url(isolated: dict[str, Path], monkeypatch: p
 
 def test_auto_name() -> None:
     assert weights.auto_name(is_colour=False) == "ct-mri"
-    assert weights.auto_name(is_colour=False, modality="NM") == "ct-mri"
+    assert weights.auto_name(is_colour=False, modality="NM") == "spect-mri"  # grey SPECT DICOM
+    assert weights.auto_name(is_colour=False, modality="PT") == "pet-mri"  # grey PET DICOM
+    assert weights.auto_name(is_colour=True, modality="MR") == "pet-mri"  # no modality weights: colour rule
     assert weights.auto_name(is_colour=True, modality="PT") == "pet-mri"
     assert weights.auto_name(is_colour=True) == "pet-mri"
     assert weights.auto_name(is_colour=True, modality="NM") == "spect-mri"

@@ -65,14 +65,25 @@ Fixed = Annotated[
 ]
 Weights = Annotated[
     str,
-    typer.Option("--weights", help="auto, a registry name (ct-mri, pet-mri, spect-mri) or a .pt checkpoint."),
+    typer.Option(
+        "--weights",
+        help="auto, a shipped name (ct-mri, pet-mri, spect-mri; -v1 for the old ones) or a .pt checkpoint. "
+        "auto reads the DICOM Modality first (CT, PT, NM); without one (PNG, NIfTI) a grey moving image "
+        "gets ct-mri and a colour one pet-mri: PET and SPECT PNGs cannot be told apart, so pass "
+        "--weights spect-mri for SPECT.",
+    ),
 ]
 Device = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[PrecisionChoice, typer.Option("--precision", help="bf16 autocast runs on CUDA only.")]
 Prealign = Annotated[
     PrealignChoice | None,
     typer.Option(
-        "--prealign", help="Classical pre-registration first. Default: rigid for volumes, none for 2-D."
+        "--prealign",
+        help="Classical pre-registration (SimpleITK, mutual information) before the network, which "
+        "then corrects what remains. Default: rigid. none: the network alone. Where the network's "
+        "flow leaves the pair less similar than the pre-alignment did, the pre-alignment is kept "
+        "(a warning, and fallback_slices in --json).",
+        show_default=False,
     ),
 ]
 SaveFlow = Annotated[

@@ -38,6 +38,7 @@ HELP = (
 class PresetName(str, Enum):
     quick = "quick"
     paper = "paper"
+    residual = "residual"
 
 
 class ModelName(str, Enum):
@@ -126,6 +127,14 @@ def train(
             show_default=False,
         ),
     ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Fine-tune from these weights: a shipped name (e.g. ct-mri-v2) or a checkpoint file. "
+            "The optimiser and schedule start fresh; the network's size comes from the weights.",
+            show_default=False,
+        ),
+    ] = None,
     grad_clip: Annotated[
         float | None,
         typer.Option(help="Clip the gradient norm to this value (paper: no clipping, quick: 20).", show_default=False),
@@ -150,6 +159,7 @@ def train(
         "pair": pair,
         "loss_weights": {"flow": flow_weight} if flow_weight is not None else None,
         "grad_clip": grad_clip,
+        "init": init,
     }
     cfg, state = _configure(data_dir, output, preset.value, resume, overrides)
     dist = setup(cfg.device)

@@ -6,7 +6,10 @@ fusion rule, the methods other than `bsafuse` align the pair first and then use 
 fusion stage with its own registration switched off (:func:`identity_registration`: the
 alignment module's flow is replaced by zeros, so MMFF fuses the pair as given):
 
-- ``bsafuse``: the network on the deformed pair (it registers and fuses).
+- ``bsafuse``: the default pipeline on the deformed pair: SimpleITK rigid pre-alignment, then
+  the network registers what remains and fuses (api.fuse with its default ``prealign``).
+- ``network``: the network alone on the deformed pair (``--prealign none``).
+- ``rigid``: the rigid pre-alignment alone, then the network's fusion of the pre-warped pair.
 - ``none``: no registration: the network's fusion of the unaligned pair, flow 0.
 - ``simpleitk``: SimpleITK (Mattes mutual information, affine then B-spline,
   ``prealign.register_classical(kind="bspline")``), then the network's fusion of the pre-warped
@@ -16,6 +19,7 @@ alignment module's flow is replaced by zeros, so MMFF fuses the pair as given):
 - ``oracle``: ground-truth alignment, then the network's fusion of (label, fixed); the flow is the
   ground-truth one. The ceiling of the protocol.
 - ``average``: (label + fixed) / 2, the classic fusion floor; it does not register.
+- ``max``: max(label, fixed) per pixel, the other classic rule (what L_inten asks of the network).
 
 Where a flow samples outside the moving image there is no moving data and the fused image is the
 fixed image there (SPEC 1), as api.fuse does for the network's own flow.
@@ -24,8 +28,7 @@ fixed image there (SPEC 1), as api.fuse does for the network's own flow.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,22 +37,27 @@ import torch
 
 from bsafuse.errors import BsafuseError, InputError
 from bsafuse.evaluation.cases import Case
+from bsafuse.model.bsafusion import identity_registration
 from bsafuse.warp import compose_flows, warp
+from bsafuse.working_size import keep_fixed_outside
 
 if TYPE_CHECKING:
     from bsafuse.device import Precision
     from bsafuse.model import BSAFusion
 
 METHODS: dict[str, str] = {
-    "bsafuse": "the network registers and fuses the deformed pair",
+    "bsafuse": "the default pipeline: rigid pre-alignment, then the network registers and fuses",
+    "network": "the network alone (--prealign none) registers and fuses the deformed pair",
+    "rigid": "SimpleITK rigid pre-alignment alone, then the network's fusion",
     "none": "no registration (flow 0), the network's fusion of the unaligned pair",
     "simpleitk": "SimpleITK affine + B-spline (Mattes MI), then the network's fusion",
     "simpleitk+bsafuse": "SimpleITK affine + B-spline, then the whole network (flows composed)",
     "oracle": "ground-truth alignment, then the network's fusion",
     "average": "(label + fixed) / 2 on the aligned pair: the classic fusion floor",
+    "max": "max(label, fixed) per pixel on the aligned pair: the other classic rule",
 }
-DEFAULT_METHODS = ("bsafuse", "none", "simpleitk", "oracle", "average")
-NO_MODEL = frozenset({"average"})  # methods that run without the network
+DEFAULT_METHODS = ("bsafuse", "none", "simpleitk", "oracle", "average", "max")
+NO_MODEL = frozenset({"average", "max"})  # methods that run without the network
 
 
 @dataclass(frozen=True)
@@ -73,23 +81,6 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-@contextmanager
-def identity_registration(model: BSAFusion) -> Iterator[None]:
-    """Within the block, the model's registration outputs the zero flow (MMFF fuses as given)."""
-    align = getattr(model, "align", None)
-    if align is None or not isinstance(align, torch.nn.Module):
-        raise TypeError(f"{type(model).__name__} has no `align` module; is it a BSAFusion model?")
-
-    def zero_flow(module: torch.nn.Module, args: Any, output: Any) -> Any:
-        return output._replace(flow=torch.zeros_like(output.flow))
-
-    handle = align.register_forward_hook(zero_flow)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     out = warp(
         torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None], torch.from_numpy(flow)[None]
@@ -98,9 +89,13 @@ def _warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
 
 
 def _keep_fixed_outside(fused: np.ndarray, fixed: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """Border rule: where `flow` samples outside the moving image, the fused image is the fixed one."""
-    valid = _warp(np.ones_like(fixed), flow)
-    return (valid * fused + (1 - valid) * fixed).astype(np.float32)
+    """Border rule (working_size.keep_fixed_outside) on numpy (H, W) images and a (2, H, W) flow."""
+
+    def tensor(image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+
+    out, _ = keep_fixed_outside(tensor(fused), tensor(fixed), torch.from_numpy(flow)[None])
+    return out[0, 0].numpy()
 
 
 class MethodRunner:
@@ -117,15 +112,15 @@ class MethodRunner:
             np.clip(fused, 0, 1).astype(np.float32), flow, warped, time.perf_counter() - start
         )
 
-    def _fuse(self, moving: np.ndarray, fixed: np.ndarray, *, register: bool) -> Any:
+    def _fuse(self, moving: np.ndarray, fixed: np.ndarray, *, register: bool, prealign: str = "none") -> Any:
         from bsafuse.api import fuse
 
         if self.model is None:
             raise BsafuseError("this method needs the network; load a model (--weights)")
         if register:
-            return fuse(moving, fixed, self.model, precision=self.precision, prealign="none")
+            return fuse(moving, fixed, self.model, precision=self.precision, prealign=prealign)  # type: ignore[arg-type]
         with identity_registration(self.model):
-            return fuse(moving, fixed, self.model, precision=self.precision, prealign="none")
+            return fuse(moving, fixed, self.model, precision=self.precision, prealign=prealign)  # type: ignore[arg-type]
 
     def _classical_flow(self, case: Case) -> np.ndarray:
         if self._classical is None or self._classical[0] != case.name:
@@ -135,7 +130,17 @@ class MethodRunner:
         return self._classical[1]
 
     def _bsafuse(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        from bsafuse.api import DEFAULT_PREALIGN
+
+        result = self._fuse(case.moving, case.fixed, register=True, prealign=DEFAULT_PREALIGN)
+        return result.fused, result.flow, result.warped
+
+    def _network(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         result = self._fuse(case.moving, case.fixed, register=True)
+        return result.fused, result.flow, result.warped
+
+    def _rigid(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        result = self._fuse(case.moving, case.fixed, register=False, prealign="rigid")
         return result.fused, result.flow, result.warped
 
     def _none(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -164,6 +169,9 @@ class MethodRunner:
 
     def _average(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         return (case.label + case.fixed) / 2, None, None
+
+    def _max(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        return np.maximum(case.label, case.fixed), None, None
 
 
 def needs_model(methods: Sequence[str]) -> bool:

@@ -11,6 +11,8 @@ that brightened greys by about 7 %; SPEC.md section 2a.) Channels are last: (...
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -34,6 +36,19 @@ def _check_channels(array: NDArray[np.floating], name: str) -> None:
 def _float(array: ArrayLike) -> NDArray[np.floating]:
     out = np.asarray(array)
     return out if out.dtype in (np.float32, np.float64) else out.astype(np.float32)
+
+
+def grey_if_channels_equal(pixels: NDArray[Any]) -> NDArray[Any]:
+    """(H, W, 3) with R = G = B everywhere -> (H, W); anything else is returned as it is.
+
+    Grey images are often stored as RGB, RGBA or palette files (the BSAFusion authors' published
+    CT and MRI test pairs, ITK's example slices): they are grey, get grey weights and a grey output.
+    """
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        first = pixels[..., 0]
+        if np.array_equal(first, pixels[..., 1]) and np.array_equal(first, pixels[..., 2]):
+            return np.ascontiguousarray(first)
+    return pixels
 
 
 def rgb_to_ycbcr(rgb: ArrayLike) -> NDArray[np.floating]:

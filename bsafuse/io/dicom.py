@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bsafuse.errors import InputError
+from bsafuse.io.color import grey_if_channels_equal
 from bsafuse.io.dicom_stack import build_image, frame_plane, frame_position
 from bsafuse.io.image import MedicalImage, check_size, geometry_from_matrix
 from bsafuse.io.intensity import bit_depth_map
@@ -124,6 +125,7 @@ def _colour(path: Path, ds: Any, array: NDArray[Any], frames: int) -> MedicalIma
         except ImportError:  # pydicom < 3
             from pydicom.pixel_data_handlers.util import apply_color_lut  # type: ignore[no-redef]
         array = np.asarray(apply_color_lut(array, ds))
+    array = grey_if_channels_equal(array)
     bits = 8 if array.dtype == np.uint8 or array.max() <= 255 else 16
     intensity = bit_depth_map(bits)
     frame = 0 if "PerFrameFunctionalGroupsSequence" in ds else None
@@ -138,7 +140,7 @@ def _colour(path: Path, ds: Any, array: NDArray[Any], frames: int) -> MedicalIma
         direction=direction,
         modality=str(ds.get("Modality", "")).upper() or None,
         path=path,
-        is_colour=True,
+        is_colour=array.ndim == 3,
         source_format="dicom",
         source_dtype=f"uint{bits}",
         bit_depth=bits,

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bsafuse.errors import InputError
+from bsafuse.io.color import grey_if_channels_equal
 from bsafuse.io.image import MedicalImage, check_size
 from bsafuse.io.intensity import bit_depth_map, window_map
 
@@ -56,7 +57,7 @@ def read_png(path: Path, *, window: tuple[float, float] | None = None) -> Medica
         try:
             image.load()
             if mode in COLOUR_MODES:
-                array = np.asarray(image.convert("RGB"))
+                array = grey_if_channels_equal(np.asarray(image.convert("RGB")))
             elif mode in ("1", "LA", "La"):
                 array = np.asarray(image.convert("L"))
             else:
@@ -66,7 +67,7 @@ def read_png(path: Path, *, window: tuple[float, float] | None = None) -> Medica
     bits = 16 if array.dtype != np.uint8 and _ihdr_bit_depth(path) == 16 else 8
     if array.dtype != np.uint8:  # 16-bit grey comes as I;16 or I (int32) depending on Pillow
         array = array.astype(np.uint16 if bits == 16 else np.uint8)
-    colour = mode in COLOUR_MODES
+    colour = array.ndim == 3
     if window is not None and colour:
         raise InputError(f"{path} is a colour image; a window applies to grey images only")
     intensity = window_map(*window) if window is not None else bit_depth_map(bits)

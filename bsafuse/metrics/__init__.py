@@ -24,6 +24,7 @@ from bsafuse.metrics.registration import (
     folding_percentage,
     jacobian_determinant,
     ncc,
+    normalised_mutual_information,
     ssim_index,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "fusion_metrics",
     "jacobian_determinant",
     "ncc",
+    "normalised_mutual_information",
     "q_abf",
     "q_cv",
     "q_s",

@@ -1,4 +1,4 @@
-"""Registration metrics: end-point error, NCC, SSIM and folding, in numpy.
+"""Registration metrics: end-point error, NCC, normalised mutual information, SSIM and folding, in numpy.
 
 Flows follow bsafuse's convention (bsafuse.warp): displacements in pixels, (2, H, W) or
 (N, 2, H, W), channel 0 = x (columns), channel 1 = y (rows). Array-likes are accepted, so CPU
@@ -72,6 +72,25 @@ def ncc(a: ArrayLike, b: ArrayLike, mask: ArrayLike | None = None) -> float:
     x, y = x[m] - x[m].mean(), y[m] - y[m].mean()
     denominator = math.sqrt(float(np.sum(x * x)) * float(np.sum(y * y)))
     return float(np.sum(x * y)) / denominator if denominator > 0 else math.nan
+
+
+def normalised_mutual_information(a: ArrayLike, b: ArrayLike, *, bins: int = 32) -> float:
+    """Studholme's normalised mutual information (H(A) + H(B)) / H(A, B); 1 (independent) .. 2.
+
+    A modality-independent similarity (CT or PET against MRI): the joint histogram of the two
+    images over all pixels, `bins` equal bins over each image's own range. Less sensitive than
+    plain mutual information to how much of the images overlaps. 1.0 when either is constant.
+    """
+    x, y = as_grey_images(a=a, b=b)
+    joint, _, _ = np.histogram2d(x.ravel(), y.ravel(), bins=bins)
+    p = joint / max(joint.sum(), 1.0)
+
+    def entropy(q: np.ndarray) -> float:
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+
+    h_joint = entropy(p)
+    return (entropy(p.sum(axis=1)) + entropy(p.sum(axis=0))) / h_joint if h_joint > 0 else 1.0
 
 
 def ssim_index(a: ArrayLike, b: ArrayLike, *, data_range: float = 255.0) -> float:

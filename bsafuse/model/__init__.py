@@ -1,6 +1,6 @@
 """The BSAFusion network: MDF-FR encoder (encoder.py), BSFA alignment (align.py), MMFF fusion
 (fuse.py), composed in bsafusion.py. A = moving (CT/PET/SPECT), B = fixed (MRI)."""
 
-from bsafuse.model.bsafusion import BSAFusion, FusionOutput
+from bsafuse.model.bsafusion import BSAFusion, FusionOutput, identity_registration
 
-__all__ = ["BSAFusion", "FusionOutput"]
+__all__ = ["BSAFusion", "FusionOutput", "identity_registration"]

@@ -7,6 +7,8 @@ whose images live in the fixed image's pixel grid.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -185,3 +187,20 @@ class BSAFusion(nn.Module):
         if isinstance(map_location, str | torch.device):
             model = model.to(map_location)
         return model
+
+
+@contextmanager
+def identity_registration(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model's registration outputs the zero flow (MMFF fuses as given)."""
+    align = getattr(model, "align", None)
+    if align is None or not isinstance(align, torch.nn.Module):
+        raise TypeError(f"{type(model).__name__} has no `align` module; is it a BSAFusion model?")
+
+    def zero_flow(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        return output._replace(flow=torch.zeros_like(output.flow))
+
+    handle = align.register_forward_hook(zero_flow)
+    try:
+        yield
+    finally:
+        handle.remove()

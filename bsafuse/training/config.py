@@ -35,7 +35,7 @@ from bsafuse.deform import DeformParams
 from bsafuse.device import Precision
 from bsafuse.errors import InputError
 
-Preset = Literal["quick", "paper"]
+Preset = Literal["quick", "paper", "residual"]
 MODEL_CONFIGS = ("paper", "small")
 PRECISIONS = ("fp32", "bf16")
 # Options a resumed run may change; everything else must stay as the run was started.
@@ -73,6 +73,9 @@ class TrainConfig:
     device: str = "auto"
     precision: Precision = "fp32"
     deform: dict[str, Any] = field(default_factory=_training_deform)  # DeformParams fields, for 256 px
+    # Fine-tune from these weights (registry name or checkpoint path) with a fresh optimiser and
+    # schedule; the network's structure comes from them, the working size from image_size.
+    init: str | None = None
 
     def __post_init__(self) -> None:
         def bad(option: str, value: object, want: str) -> InputError:
@@ -172,5 +175,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grad_clip": 20.0,
         "val_every": 5,
         "workers": 0,
+    },
+    # The recipe of the shipped v2 weights: fine-tune (--init) the small network at 256 px on the
+    # misalignment that rigid pre-alignment leaves. Measured on 15 deformed training pairs per
+    # type (default deformation, 2026-12-01): rigid leaves a mean end-point error of 5.0 px (CT),
+    # 4.1 px (PET) and 8.9 px (SPECT), 95th percentile 7-13 px; this deformation is about that size.
+    "residual": {
+        "model": "small",
+        "loss_weights": {"flow": 5.0},
+        "image_size": 256,
+        "epochs": 20,
+        "batch_size": 8,
+        "lr": 5e-4,
+        "lr_min": 1e-5,
+        "grad_clip": 20.0,
+        "val_every": 4,
+        "workers": 0,
+        "deform": {**_training_deform(), "rotate_deg": 4.0, "translate_px": 5.0, "scale": 0.04},
     },
 }

@@ -39,7 +39,7 @@ from bsafuse._version import __version__
 from bsafuse.config import ModelConfig
 from bsafuse.data import REFERENCE_SIZE
 from bsafuse.device import autocast_for
-from bsafuse.losses import total_loss, update_mu
+from bsafuse.losses import LOSS_TERMS, SUMMARY_TERMS, total_loss, update_mu
 from bsafuse.model import BSAFusion
 from bsafuse.model.bsafusion import FusionOutput
 from bsafuse.training import run_files
@@ -85,6 +85,34 @@ def model_config(name: str, image_size: int) -> ModelConfig:
     base = ModelConfig.paper() if name == "paper" else ModelConfig.small()
     align = dataclasses.replace(base.align, max_step=base.align.max_step * image_size / REFERENCE_SIZE)
     return dataclasses.replace(base, image_size=image_size, align=align)
+
+
+def initial_model(weights: str, image_size: int) -> BSAFusion:
+    """The network of `weights` (registry name or path), rebuilt for `image_size`, for fine-tuning.
+
+    The structure (channels, heads, depths) is the checkpoint's; the working size and the flow
+    heads' bound follow `image_size` as in `model_config`. The learned positional map is resized
+    to the new working size (bilinear, as the encoder itself does for other input sizes).
+    """
+    from bsafuse.weights import read_checkpoint, resolve
+
+    data = read_checkpoint(resolve(weights))
+    stored = ModelConfig.from_dict(data["config"])
+    k = image_size / stored.image_size
+    config = dataclasses.replace(
+        stored,
+        image_size=image_size,
+        align=dataclasses.replace(stored.align, max_step=stored.align.max_step * k),
+    )
+    model = BSAFusion(config)
+    state = dict(data["state_dict"])
+    for name, tensor in model.state_dict().items():
+        if name in state and state[name].shape != tensor.shape and name.endswith("position"):
+            state[name] = torch.nn.functional.interpolate(
+                state[name].float(), size=tensor.shape[-2:], mode="bilinear", align_corners=False
+            ).to(tensor.dtype)
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+    return model
 
 
 def _seed_of(*parts: int) -> int:
@@ -167,11 +195,12 @@ class Trainer:
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_of(cfg.seed, 3, 0, 0))
-            self.model = (
-                load_checkpoint(dict(resume))
-                if resume is not None
-                else BSAFusion(model_config(cfg.model, cfg.image_size))
-            )
+            if resume is not None:
+                self.model = load_checkpoint(dict(resume))
+            elif cfg.init is not None:
+                self.model = initial_model(cfg.init, cfg.image_size)
+            else:
+                self.model = BSAFusion(model_config(cfg.model, cfg.image_size))
         self.model.to(self.device)
         self.net: torch.nn.Module = (
             DistributedDataParallel(
@@ -352,18 +381,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- files
     def _columns(self) -> list[str]:
-        terms = [
-            "ce1",
-            "ce2",
-            "consis",
-            "smooth",
-            "struct",
-            "inten",
-            "grad",
-            "total",
-            "ssim_fused_moving",
-            "ssim_fused_fixed",
-        ]
+        terms = (*LOSS_TERMS, *SUMMARY_TERMS)
         return ["epoch", "lr", "mu", *(f"train_{t}" for t in terms), *VAL_COLUMNS, "seconds", "samples_per_s"]
 
     def _write_config(self) -> None:
