@@ -110,15 +110,16 @@ def choose_weights(
     """The registry name or path that `weights` stands for; "auto" looks at the moving image."""
     text = os.fspath(weights)
     if text != "auto":
-        return text
+        return weights_mod.canonical(text)
     if moving is None:
-        return weights_mod.auto_name(is_colour=False)
-    if isinstance(moving, str | os.PathLike):
-        moving = read_image(moving)
-    if isinstance(moving, MedicalImage):
-        return weights_mod.auto_name(is_colour=moving.is_colour, modality=moving.modality)
-    array = np.asarray(moving)
-    return weights_mod.auto_name(is_colour=array.ndim == 3 and array.shape[-1] == 3)
+        name = weights_mod.auto_name(is_colour=False)
+    elif isinstance(moving, MedicalImage | str | os.PathLike):
+        image = moving if isinstance(moving, MedicalImage) else read_image(moving)
+        name = weights_mod.auto_name(is_colour=image.is_colour, modality=image.modality)
+    else:
+        array = np.asarray(moving)
+        name = weights_mod.auto_name(is_colour=array.ndim == 3 and array.shape[-1] == 3)
+    return weights_mod.canonical(name)  # the release it stands for, e.g. ct-mri-v2
 
 
 def resolve_choice(weights: str | os.PathLike[str], choice: str, *, chosen_for: str) -> Path:

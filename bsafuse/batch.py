@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from bsafuse.errors import BsafuseError, DeviceError, InputError, OutputError, WeightsError
-from bsafuse.flow_files import save_flow
+from bsafuse.flow_files import FLOW_SUFFIXES, save_flow
+from bsafuse.io import SUPPORTED as IMAGE_SUFFIXES_OUT
 from bsafuse.io import MedicalImage, read_image, write_image
+from bsafuse.io.atomic import full_suffix, remove_stale_temporaries
 from bsafuse.sharding import Ranked
 
 if TYPE_CHECKING:
@@ -134,6 +136,25 @@ def pair_folders(
         else:
             orphans.extend(paths)
     return pairs, orphans
+
+
+def _check_writable(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
+    """An output path that can be written: a known suffix, not a folder, in an existing folder."""
+    if path.is_dir():
+        raise OutputError(
+            f"{option} {path} is a folder; one pair writes one file: give a file name "
+            f"(e.g. {path / ('fused' + suffixes[0])})"
+        )
+    if not path.name.lower().endswith(suffixes):
+        found = f"{full_suffix(path)} is not an output format" if full_suffix(path) else "the name has no suffix"
+        raise OutputError(f"{option} {path}: {found}; use one of {', '.join(suffixes)}")
+    folder = path.parent  # created when the output is written; its nearest existing ancestor must allow it
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{option} {path}: {folder} is a file, not a folder; choose another place")
+    if (path.exists() and not os.access(path, os.W_OK)) or not os.access(folder, os.W_OK):
+        raise OutputError(f"{option} {path}: no permission to write in {folder}; choose another place")
 
 
 def _check_not_input(path: Path, inputs: tuple[Path, ...]) -> None:
@@ -388,8 +409,24 @@ class _Outputs:
         return all(p.is_file() for p in self.paths())
 
     def check(self, *inputs: Path) -> None:
-        for p in self.paths():
-            _check_not_input(p, inputs)
+        """Refuse, before any work, outputs that overwrite an input or each other, or cannot be written."""
+        seen: dict[Path, str] = {}
+        for option, path, suffixes in (
+            ("-o", self.main, IMAGE_SUFFIXES_OUT),
+            ("--save-flow", self.flow, FLOW_SUFFIXES),
+            ("--save-warped", self.warped, IMAGE_SUFFIXES_OUT),
+            ("--report", self.report, (".png",)),
+        ):
+            if path is None:
+                continue
+            _check_not_input(path, inputs)
+            if path.resolve() in seen:
+                raise OutputError(
+                    f"{option} {path} is also the {seen[path.resolve()]} output; give each output its own name"
+                )
+            seen[path.resolve()] = option
+            _check_writable(path, option, suffixes)
+            remove_stale_temporaries(path)  # left by a run killed mid-write
 
     def write(self, res: FuseResult, fixed: MedicalImage, *, mode: str) -> None:
         # The main output goes last, so its presence means the pair is complete; if any write

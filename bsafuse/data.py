@@ -290,5 +290,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 def ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker_init_fn: leave Ctrl-C to the main process, which stops at a step boundary."""
+    """DataLoader worker_init_fn: leave Ctrl-C and SIGTERM to the main process, which stops at a step
+    boundary and saves. `timeout` and job schedulers signal the whole process group; a worker that
+    died of SIGTERM would turn the orderly stop into a DataLoader error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -9,6 +9,8 @@ import numpy as np
 from bsafuse.errors import InputError
 from bsafuse.io import MedicalImage
 
+FLOW_SUFFIXES = (".npy", ".nii", ".nii.gz")  # what save_flow writes: numpy, or a NIfTI vector image
+
 
 def save_flow(path: Path, flow: np.ndarray, *, like: MedicalImage | None = None) -> Path:
     """Write a flow atomically: `.npy` as (2, H, W) / (D, 2, H, W) float32, or NIfTI.
@@ -25,7 +27,7 @@ def save_flow(path: Path, flow: np.ndarray, *, like: MedicalImage | None = None)
         with atomic_path(path) as tmp:
             np.save(tmp, np.asarray(flow, dtype=np.float32))
         return path
-    if name.endswith((".nii", ".nii.gz")):
+    if name.endswith(FLOW_SUFFIXES[1:]):
         return _save_flow_nifti(path, np.asarray(flow, dtype=np.float32), like)
     raise InputError(f"--save-flow {path}: use a .npy or .nii.gz file name")
 

@@ -68,11 +68,19 @@ class Checkpoint:
 REGISTRY: dict[str, Checkpoint] = {
     c.name: c
     for c in (
-        Checkpoint("ct-mri", "bsafuse-ct-mri-v1.pt", "34caa3494cadcfb7aa99314c7bdbb943b74f6981d4d1ba15587ec85f04c0ab74"),
-        Checkpoint("pet-mri", "bsafuse-pet-mri-v1.pt", "1865a99f236e3d276d9dc3ab4e8ce197ed73e2583e7f37002b612dfd3b4b6012"),
-        Checkpoint("spect-mri", "bsafuse-spect-mri-v1.pt", "227424caf377c86226f6d60e3138cd2191d5433b1813a1d854a4c2fb9595fe3e"),
+        Checkpoint("ct-mri-v1", "bsafuse-ct-mri-v1.pt", "34caa3494cadcfb7aa99314c7bdbb943b74f6981d4d1ba15587ec85f04c0ab74"),
+        Checkpoint("pet-mri-v1", "bsafuse-pet-mri-v1.pt", "1865a99f236e3d276d9dc3ab4e8ce197ed73e2583e7f37002b612dfd3b4b6012"),
+        Checkpoint("spect-mri-v1", "bsafuse-spect-mri-v1.pt", "227424caf377c86226f6d60e3138cd2191d5433b1813a1d854a4c2fb9595fe3e"),
     )
 }
+# The unversioned names stand for the newest release of each pair type (what `auto` picks).
+ALIASES: dict[str, str] = {"ct-mri": "ct-mri-v1", "pet-mri": "pet-mri-v1", "spect-mri": "spect-mri-v1"}
+
+
+def canonical(name: str) -> str:
+    """The registry name `name` stands for: an alias's release where it is registered, else itself."""
+    target = ALIASES.get(name)
+    return target if target is not None and target in REGISTRY else name
 
 _urlopen: Callable[..., IO[bytes]] = urllib.request.urlopen  # replaced in tests: no network there
 
@@ -137,7 +145,7 @@ def find(name: str) -> Path | None:
 
 def resolve(weights: str | os.PathLike[str]) -> Path:
     """Registry name or path to a checkpoint file -> a local file that is safe to load."""
-    text = os.fspath(weights)
+    text = canonical(os.fspath(weights))
     if text in REGISTRY:
         found = find(text)
         if found is not None:
@@ -204,7 +212,7 @@ class Found:
 
 def inventory() -> Iterator[Found]:
     """Every registered (and reserved) name with the first file found for it, verified."""
-    for name in dict.fromkeys([*REGISTRY, *RESERVED]):
+    for name in dict.fromkeys([*REGISTRY, *(n for n in RESERVED if canonical(n) == n)]):
         ckpt = REGISTRY.get(name)
         if ckpt is None:
             yield Found(name, "-", None, None, released=False)
@@ -269,6 +277,12 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
             ) from None
         raise WeightsError(
             f"{path} is not a readable torch checkpoint (corrupt, truncated or another format)"
+        ) from None
+    except (LookupError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        # torch's unpickler stumbling over a file that is not a checkpoint at all (a text file)
+        raise WeightsError(
+            f"{path} is not a torch checkpoint (it does not hold pickled tensors: {type(exc).__name__}); "
+            f"{HOW_TO_PASS}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         detail = " ".join(str(exc).split())[:200] or ("it ends early" if isinstance(exc, EOFError) else "-")

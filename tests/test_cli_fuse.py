@@ -192,7 +192,8 @@ def test_folder_run_continues_past_a_bad_pair_and_reruns_skip(tmp_path: Path, ti
     assert sorted(p.name for p in out.iterdir()) == ["20010.png", "20011.png"]
     assert (
         "bad.png" in result.output
-        and "2 done, 0 skipped" in result.output
+        and "2 done, 0 skipped, 1 failed" in result.output
+        and "--overwrite redoes" not in result.output  # nothing was skipped: no hint about skipping
         and "Traceback" not in result.output
     )
     stamp = (out / "20010.png").stat().st_mtime_ns
@@ -202,6 +203,7 @@ def test_folder_run_continues_past_a_bad_pair_and_reruns_skip(tmp_path: Path, ti
     summary = json.loads(again.stdout)
     assert (summary["ok"], summary["skipped"], summary["failed"]) == (0, 2, 1)
     assert (out / "20010.png").stat().st_mtime_ns == stamp
+    assert "0 done, 2 skipped (outputs exist; --overwrite redoes them), 1 failed" in again.stderr
 
     (moving / "bad.png").unlink()
     redo = fuse(moving, fixed, out, tiny_checkpoint, "--overwrite", "--pattern", "20010*")
@@ -210,6 +212,13 @@ def test_folder_run_continues_past_a_bad_pair_and_reruns_skip(tmp_path: Path, ti
 
 
 # ---------------------------------------------------------------------------------- bad inputs
+
+
+def test_flags_take_no_value_in_help() -> None:
+    result = run("fuse", "--help")
+    assert result.exit_code == 0
+    flags = [line for line in result.output.splitlines() if "--overwrite" in line or "--json" in line]
+    assert flags and all("<bool>" not in line for line in flags), flags
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -253,8 +262,9 @@ def test_usage_errors_exit_2(tmp_path: Path, tiny_checkpoint: Path) -> None:
         CT / "20010.png", MRI / "20010.png", tmp_path / "f.png", tiny_checkpoint, "--prealign", "bspline"
     )
     assert result.exit_code == 2
-    result = fuse(CT / "20010.png", MRI / "20010.png", tmp_path / "f.png", tiny_checkpoint, "--window", "40")
-    assert result.exit_code == 2
+    for window in ("40", "40,-5", "nan,inf", "40,0"):  # one rule for every malformed window
+        result = fuse(CT / "20010.png", MRI / "20010.png", tmp_path / "f.png", tiny_checkpoint, "--window", window)
+        assert result.exit_code == 2, window
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -105,6 +105,7 @@ def test_sigkill_leaves_complete_outputs_and_a_rerun_finishes_the_rest(
     assert_complete_pngs(finished(out))
     assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps  # not redone
     assert "Traceback" not in rerun.stderr
+    assert sorted(p.name for p in out.iterdir()) == [f"p{k:02d}.png" for k in range(PAIRS)]  # no orphans
 
 
 def test_sigint_exits_130_with_a_summary_and_no_traceback(

@@ -30,15 +30,24 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"
 EXAMPLES = REPO / "examples" / "data"
 UPDATE = os.environ.get("BSAFUSE_UPDATE_GOLDEN") == "1"
-PAIRS = {  # registry name -> an example pair of that kind (all from validation cases, never trained on)
+PAIRS = {  # pair type -> an example pair of that kind (all from validation cases, never trained on)
     "ct-mri": EXAMPLES / "CT-MRI" / "{}" / "20010.png",
     "pet-mri": EXAMPLES / "PET-MRI" / "{}" / "25020.png",
     "spect-mri": EXAMPLES / "SPECT-MRI" / "{}" / "10014.png",
 }
 MOVING = {"ct-mri": "CT", "pet-mri": "PET", "spect-mri": "SPECT"}
+VERSIONS = ("v1",)
+# How each release ran when its golden outputs were recorded: v1 without pre-alignment or guard
+# (the pipeline of its release), later ones with the default pipeline.
+RUN_AS = {"v1": {"prealign": "none", "guard": False}}
+SHIPPED = [f"{pair}-{v}" for pair in PAIRS for v in VERSIONS]
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
+def _pair_type(name: str) -> str:
+    return name.rsplit("-", 1)[0]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_checkpoint_is_registered_shipped_and_intact(name: str) -> None:
     assert name in weights.REGISTRY, f"{name} is not registered in bsafuse/weights.py"
     entry = weights.REGISTRY[name]
@@ -53,15 +62,22 @@ def test_shipped_checkpoint_is_registered_shipped_and_intact(name: str) -> None:
 def test_auto_picks_the_checkpoint_for_the_moving_modality(name: str) -> None:
     moving = read_image(str(PAIRS[name]).format(MOVING[name]))
     expected = "pet-mri" if name == "spect-mri" else name  # a PNG carries no DICOM Modality: colour -> pet-mri
-    assert choose_weights("auto", moving) == expected
+    assert choose_weights("auto", moving) == weights.canonical(expected) == f"{expected}-{VERSIONS[-1]}"
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
+def test_unversioned_names_stand_for_the_newest_release(name: str) -> None:
+    assert weights.canonical(name) == f"{name}-{VERSIONS[-1]}"
+    assert weights.resolve(name) == weights.resolve(f"{name}-{VERSIONS[-1]}")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_golden_output_on_the_example_pair(name: str) -> None:
     model = load_model(name, device="cpu")
-    moving = read_image(str(PAIRS[name]).format(MOVING[name]))
-    fixed = read_image(str(PAIRS[name]).format("MRI"))
-    result = fuse(moving, fixed, model)
+    pair = _pair_type(name)
+    moving = read_image(str(PAIRS[pair]).format(MOVING[pair]))
+    fixed = read_image(str(PAIRS[pair]).format("MRI"))
+    result = fuse(moving, fixed, model, **RUN_AS.get(name.rsplit("-", 1)[1], {}))  # type: ignore[arg-type]
     fused = np.asarray(result.fused, dtype=np.float32)
     flow = np.asarray(result.flow, dtype=np.float32)
     golden = GOLDEN / f"{name}.npz"
@@ -84,6 +100,6 @@ def test_fuse_without_weights_option_uses_the_shipped_ct_checkpoint(tmp_path: Pa
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["weights"] == ["ct-mri"]
+    assert summary["weights"] == [f"ct-mri-{VERSIONS[-1]}"]
     fused = np.asarray(read_image(out).pixels)
     assert fused.shape == (256, 256) and fused.std() > 0.05

@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -151,8 +152,13 @@ def test_two_series_in_one_folder_are_refused(tmp_path: Path) -> None:
 
 def test_empty_folder_and_duplicate_positions_are_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="empty holds no DICOM images"):
+    with pytest.raises(InputError, match=r"empty is a folder, and a folder stands for one DICOM series, but it is empty"):
         read_image(tmp_path / "empty")
+    pngs = tmp_path / "x.png"  # a folder whose name looks like a file
+    pngs.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(pngs / "a.png")
+    with pytest.raises(InputError, match=r"x\.png is a folder.*holds 1 PNG/NIfTI file\(s\), not a DICOM series.*MOVING_DIR FIXED_DIR"):
+        read_image(pngs)
     folder = make_series(tmp_path / "dup", np.zeros((2, 4, 4), np.int16), step=0.0)
     with pytest.raises(InputError, match="dup: several slices share one position"):
         read_image(folder)

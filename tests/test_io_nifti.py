@@ -185,3 +185,19 @@ def test_colour_to_nifti_is_refused_naming_the_output_and_writing_nothing(tmp_pa
     with pytest.raises(OutputError, match=r"cannot write colour to NIfTI \(.*fused\.nii\.gz\)"):
         write_image(out, rgb)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_affine_is_refused_at_reading_without_warnings(tmp_path: Path) -> None:
+    """A header whose sform holds NaN: refused by the reader, before any work, with no numpy warning."""
+    import warnings
+
+    good = nib.Nifti1Image(np.ones((8, 8), np.float32), np.eye(4))
+    header = good.header
+    header["srow_x"] = [np.nan, 0, 0, 0]
+    header["sform_code"], header["qform_code"] = 1, 0
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), None, header=header), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a leaked RuntimeWarning would fail here
+        with pytest.raises(InputError, match=r"nan\.nii\.gz: its affine \(sform/qform\) holds NaN"):
+            read_image(path)

@@ -110,10 +110,12 @@ def test_grey_stored_with_equal_colour_channels_is_grey(tmp_path: Path, mode: st
     assert read_image(saved("c.png", tinted)).is_colour
 
 
-def test_window_maps_raw_grey_levels(tmp_path: Path) -> None:
-    levels = np.array([[0, 100, 200]], dtype=np.uint8)
-    image = read_image(save(tmp_path / "w.png", levels), window=(100, 100))
-    np.testing.assert_allclose(image.pixels, [[0.0, 0.5, 1.0]])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_window_on_a_grey_png_is_refused(tmp_path: Path, dtype: type) -> None:
+    levels = np.array([[0, 100, 200]], dtype=dtype)
+    path = save(tmp_path / "w.png", levels)
+    with pytest.raises(InputError, match=r"w\.png is a (8|16)-bit PNG of display grey levels, not Hounsfield"):
+        read_image(path, window=(100, 100))
 
 
 def test_png_named_dcm_is_read_as_png(tmp_path: Path) -> None:
@@ -183,7 +185,7 @@ def test_window_on_colour_is_refused(tmp_path: Path) -> None:
     colour = np.zeros((3, 3, 3), np.uint8)
     colour[0, 0] = (200, 10, 10)  # not grey: equal channels would make it a grey image
     path = save(tmp_path / "rgb.png", colour)
-    with pytest.raises(InputError, match=r"rgb\.png is a colour image"):
+    with pytest.raises(InputError, match=r"rgb\.png is a colour image; a window applies to CT in HU"):
         read_image(path, window=(40, 400))
 
 

@@ -183,6 +183,19 @@ def test_init_fine_tunes_from_weights_at_another_working_size(full_run: Path, tm
         torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
 
 
+def test_more_workers_than_cores_are_capped_with_a_note(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from bsafuse.cli.train import _fit_workers
+
+    cores = len(os.sched_getaffinity(0))
+    capped = _fit_workers(tiny_config(tiny_data, tmp_path, workers=cores + 6))
+    assert capped.workers == cores
+    assert f"--workers {cores + 6} is more than this machine's {cores} CPU cores" in capsys.readouterr().err
+    same = tiny_config(tiny_data, tmp_path, workers=0)
+    assert _fit_workers(same) is same
+
+
 def test_bf16_on_a_cpu_is_refused_before_any_work(tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(DeviceError, match="bf16 runs on CUDA only"):
         Trainer(tiny_config(tiny_data, tmp_path, precision="bf16"))

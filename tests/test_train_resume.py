@@ -106,3 +106,22 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_data: Path, tmp_path: 
     assert saved["epoch"] >= 1 and saved["epoch"] < 50
     assert _epochs_logged(run) == saved["epoch"]
     load_checkpoint(run / "last.pt")  # a usable model
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(tiny_data: Path, tmp_path: Path) -> None:
+    """How `timeout` and job schedulers stop a job: SIGTERM to every process, loader workers included."""
+    run = tmp_path / "run"
+    args = " ".join(TRAIN_ARGS).replace("--workers 0", "--workers 2").split()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bsafuse", "train", str(tiny_data), "-o", str(run), "--epochs", "50", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    _wait_for(lambda: _saved_epoch(run) >= 1, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    text = err.decode()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "Traceback" not in text and "DataLoader" not in text
+    assert "stopped in epoch" in text
+    assert 1 <= read_checkpoint(run / "last.pt")["epoch"] < 50

@@ -199,6 +199,12 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         weights.load_checkpoint(plain)
     with pytest.raises(WeightsError, match=r"does not exist"):
         weights.load_checkpoint(tmp_path / "missing.pt")
+    # text files, which torch's unpickler reads as garbage opcodes (IndexError, KeyError before)
+    for text in ("root:x:0:0:root:/root:/bin/bash\n", "hello\n"):
+        path = tmp_path / "text.pt"
+        path.write_text(text)
+        with pytest.raises(WeightsError, match=r"text\.pt is not a torch checkpoint"):
+            weights.load_checkpoint(path)
 
 
 def test_config_that_does_not_fit_the_weights(tmp_path: Path, tiny_checkpoint: Path) -> None:

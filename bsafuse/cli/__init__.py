@@ -13,6 +13,7 @@ import typer
 
 from bsafuse._version import __version__
 from bsafuse.cli import deform, evaluate, fuse, register, train, weights
+from bsafuse.cli._common import flag
 
 app = typer.Typer(
     name="bsafuse",
@@ -38,7 +39,7 @@ def _show_version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+        flag("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """Register and fuse unaligned medical image pairs (BSAFusion)."""

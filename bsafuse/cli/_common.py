@@ -54,3 +54,8 @@ def print_json(payload: Any) -> None:
     """Write a machine-readable result on stdout (the only thing bsafuse ever prints there)."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def flag(*names: str, help: str, **options: Any) -> Any:
+    """A typer.Option for an on/off flag, shown without a value in --help (no `<bool>`)."""
+    return typer.Option(*names, help=help, metavar="", **options)

@@ -56,23 +56,22 @@ def _as_batch(image: MedicalImage) -> tuple[np.ndarray, bool]:
     return (pixels.transpose(2, 0, 1) if colour else pixels[None])[None], colour
 
 
+# The deformation amplitudes (DeformParams), shared with `bsafuse evaluate`; defaults as DeformParams().
+Rotate = Annotated[float, typer.Option("--rotate", min=0, max=45, help="Largest rotation, degrees.")]
+Translate = Annotated[float, typer.Option("--translate", min=0, help="Largest shift per axis, pixels.")]
+Elastic = Annotated[float, typer.Option("--elastic", min=0, max=8, help="Largest elastic displacement, pixels.")]
+Scale = Annotated[float, typer.Option("--scale", min=0, max=0.5, help="Largest scale change (0.05 = 5%).")]
+
+
 @handle_errors
 def deform(
     image: Annotated[Path, typer.Argument(help="Image to deform: PNG, DICOM or NIfTI (a 2-D slice).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Deformed image; format from suffix.")],
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same deformation.")] = 0,
-    rotate: Annotated[
-        float, typer.Option("--rotate", min=0, max=45, help="Largest rotation, degrees.")
-    ] = 10.0,
-    translate: Annotated[
-        float, typer.Option("--translate", min=0, help="Largest shift per axis, pixels.")
-    ] = 10.0,
-    elastic: Annotated[
-        float, typer.Option("--elastic", min=0, max=8, help="Largest elastic displacement, pixels.")
-    ] = 4.0,
-    scale: Annotated[
-        float, typer.Option("--scale", min=0, max=0.5, help="Largest scale change (0.05 = 5%).")
-    ] = 0.05,
+    rotate: Rotate = 10.0,
+    translate: Translate = 10.0,
+    elastic: Elastic = 4.0,
+    scale: Scale = 0.05,
     save_flow: SaveFlow = None,
     slice_index: Annotated[
         int | None, typer.Option("--slice", help="NIfTI/DICOM volumes: deform this one slice.")

@@ -9,8 +9,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bsafuse.cli._common import err, fail, handle_errors, print_json
+from bsafuse.cli._common import err, fail, flag, handle_errors, print_json
+from bsafuse.cli.deform import Elastic, Rotate, Scale, Translate
 from bsafuse.cli.fuse import Device, PrecisionChoice
+from bsafuse.evaluation.catalogue import DEFAULT_METHODS, METHODS
 
 SHORT = "Score fused images, or run the evaluation protocol on a data folder."
 HELP = "\n\n".join(
@@ -25,10 +27,10 @@ HELP = "\n\n".join(
         "pair, and writes results.csv (one row per pair and method), summary.json (mean and std per method, "
         "and the run's settings) and a box plot per metric (needs matplotlib). DATA_DIR may instead be a "
         "pre-deformed test set: moving/, fixed/, label/ and optionally flow/ (.npy ground-truth flows).",
-        "Methods: bsafuse (the network), none (no registration), simpleitk (affine + B-spline, then the "
-        "network's fusion), simpleitk+bsafuse (that pre-alignment, then the whole network), oracle "
-        "(ground-truth alignment, then the network's fusion) and average ((label + fixed) / 2). A failed "
-        "pair is reported and the rest still run (exit 1 at the end).",
+        "Deformations: --rotate, --translate, --scale and --elastic bound the random misalignment "
+        "(defaults as `bsafuse deform`); e.g. --rotate 0 --translate 2 --scale 0 --elastic 2 for small motion.",
+        "Methods: " + "; ".join(f"{name}: {what}" for name, what in METHODS.items())
+        + ". A failed pair is reported and the rest still run (exit 1 at the end).",
     )
 )  # one line per paragraph: Rich keeps line breaks
 
@@ -41,15 +43,19 @@ def evaluate(
     fixed: Annotated[Path | None, typer.Option("--fixed", help="Images: B, the fixed MRI.", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Protocol: folder for the results.", show_default=False)] = None,
     weights: Annotated[str, typer.Option("--weights", help="auto (from the modality folder), a registry name or a .pt file.")] = "auto",
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: bsafuse,none,simpleitk,simpleitk+bsafuse,oracle,average.")] = "bsafuse,none,simpleitk,oracle,average",
+    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated, from: {','.join(METHODS)}.")] = ",".join(DEFAULT_METHODS),
+    rotate: Rotate = 10.0,
+    translate: Translate = 10.0,
+    scale: Scale = 0.05,
+    elastic: Elastic = 4.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the deformations (one per pair, from the seed and its name).")] = 0,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N pairs (sorted by name).", show_default=False)] = None,
     val_cases: Annotated[str | None, typer.Option("--val-cases", help="Only these cases, e.g. 16,20; auto: the checkpoint's validation cases.", show_default=False)] = None,
     pair: Annotated[str | None, typer.Option("--pair", help="Pick a pair folder (ct-mri, ...) of a folder holding several.", show_default=False)] = None,
     device: Device = "auto",
     precision: Annotated[PrecisionChoice, typer.Option("--precision", help="bf16 autocast runs on CUDA only.")] = PrecisionChoice.fp32,
-    save_images: Annotated[bool, typer.Option("--save-images", help="Protocol: also write the deformed pairs and every fused image.")] = False,
-    json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    save_images: Annotated[bool, flag("--save-images", help="Protocol: also write the deformed pairs and every fused image.")] = False,
+    json: Annotated[bool, flag("--json", help="Print the results as JSON on stdout.")] = False,
 ) -> None:  # fmt: skip
     """Score fused images, or run the evaluation protocol on DATA_DIR."""
     image_mode = any(x is not None for x in (fused, moving, fixed))
@@ -67,8 +73,12 @@ def evaluate(
     if output is None:
         raise typer.BadParameter("protocol mode needs -o OUT_DIR for results.csv, summary.json and the plots")
     cases = None if val_cases is None else ("auto" if val_cases.strip() == "auto" else val_cases.split(","))
+    from bsafuse.deform import DeformParams
+
+    params = DeformParams(rotate_deg=rotate, translate_px=translate, scale=scale, elastic_px=elastic)
     options = dict(weights=weights, methods=methods.split(","), seed=seed, limit=limit, val_cases=cases, pair=pair,
-                   device=device, precision=precision.value, save_images=output if save_images else None)  # fmt: skip
+                   device=device, precision=precision.value, params=params,
+                   save_images=output if save_images else None)  # fmt: skip
     _run_protocol(data_dir, output, json=json, **options)
 
 

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bsafuse.cli._common import err, fail, handle_errors, print_json
+from bsafuse.cli._common import err, fail, flag, handle_errors, print_json
 
 if TYPE_CHECKING:
     from bsafuse.batch import FuseReport
@@ -49,8 +49,11 @@ def parse_window(value: str | None) -> tuple[float, float] | None:
         centre, width = (float(v) for v in value.split(","))
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not CENTER,WIDTH (e.g. 40,400)") from None
-    if width <= 0:
-        raise typer.BadParameter(f"the window width must be positive, got {width:g}")
+    # One rule for every malformed window (a usage error, exit 2), whatever is wrong with it.
+    if not (math.isfinite(centre) and math.isfinite(width)) or width <= 0:
+        raise typer.BadParameter(
+            f"{value!r}: the centre must be a finite number and the width a positive one (e.g. 40,400)"
+        )
     return centre, width
 
 
@@ -93,14 +96,19 @@ SaveFlow = Annotated[
     ),
 ]
 Pattern = Annotated[str, typer.Option("--pattern", help="Folder runs: file names to pair (glob).")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Folder runs: redo pairs whose outputs exist.")]
+Overwrite = Annotated[bool, flag("--overwrite", help="Folder runs: redo pairs whose outputs exist.")]
 Slice = Annotated[int | None, typer.Option("--slice", help="NIfTI/DICOM volumes: fuse this one slice only.")]
 Axis = Annotated[str, typer.Option("--axis", help="Axis of --slice: x, y or z.")]
 Window = Annotated[
-    str | None, typer.Option("--window", help="CT window CENTER,WIDTH in HU (default brain-bone).")
+    str | None,
+    typer.Option(
+        "--window",
+        help="CT window CENTER,WIDTH in Hounsfield units for a DICOM or NIfTI CT (default brain-bone). "
+        "PNGs hold display grey levels, not HU: a window is refused for them.",
+    ),
 ]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Volume slices per network batch.")]
-Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+Json = Annotated[bool, flag("--json", help="Print a machine-readable summary on stdout.")]
 
 
 @handle_errors
@@ -187,12 +195,24 @@ def interrupted(seen: dict[str, int]) -> NoReturn:
     raise typer.Exit(code=130)
 
 
+class _WarningLines(logging.Handler):
+    """Library warnings as one line each on stderr ("warning: ..."), never wrapped."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]warning:[/] {escape(record.getMessage())}", soft_wrap=True, highlight=False)
+
+
 def _log_to_stderr() -> None:
-    """Library warnings (e.g. a slice whose pre-alignment was skipped) as Rich lines on stderr."""
+    """Library warnings (e.g. the network's flow dropped for a pair) as Rich lines on stderr."""
     logger = logging.getLogger("bsafuse")
     if not logger.handlers:
-        logger.addHandler(RichHandler(console=err, show_time=False, show_path=False, markup=False))
+        logger.addHandler(_WarningLines(level=logging.WARNING))
         logger.setLevel(logging.WARNING)
+
+
+def _skipped(count: int) -> str:
+    """The summary's skipped part: only where pairs were skipped does --overwrite need a word."""
+    return f"{count} skipped (outputs exist; --overwrite redoes them), " if count else "0 skipped, "
 
 
 def render(report: FuseReport, *, json: bool) -> None:
@@ -213,8 +233,8 @@ def render(report: FuseReport, *, json: bool) -> None:
         )
         return
     err.print(
-        f"{len(report.ok)} done, {len(report.skipped)} skipped (outputs exist; --overwrite redoes them), "
-        f"{len(report.failed)} failed (weights: {escape(weights)}; device: {report.device})",
+        f"{len(report.ok)} done, {_skipped(len(report.skipped))}{len(report.failed)} failed "
+        f"(weights: {escape(weights)}; device: {report.device})",
         soft_wrap=True,
     )
     if report.failed:

@@ -162,6 +162,7 @@ def train(
         "init": init,
     }
     cfg, state = _configure(data_dir, output, preset.value, resume, overrides)
+    cfg = _fit_workers(cfg)
     dist = setup(cfg.device)
     try:
         trainer = Trainer(cfg, dist=dist, resume=state)
@@ -193,6 +194,21 @@ def _configure(
     if data_dir is None or output is None:
         raise typer.BadParameter("give DATA_DIR and -o RUN_DIR (or --resume RUN_DIR/last.pt)")
     return TrainConfig.preset(preset, data_dir=data_dir, run_dir=output, **overrides), None  # type: ignore[arg-type]
+
+
+def _fit_workers(cfg: TrainConfig) -> TrainConfig:
+    """More loader processes than CPU cores only compete with training: cap them, with a note."""
+    import dataclasses
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.workers <= cores:
+        return cfg
+    err.print(
+        f"note: --workers {cfg.workers} is more than this machine's {cores} CPU cores; using {cores}",
+        soft_wrap=True,
+    )
+    return dataclasses.replace(cfg, workers=cores)
 
 
 @contextlib.contextmanager

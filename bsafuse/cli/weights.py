@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bsafuse.cli._common import err, fail, handle_errors, print_json
+from bsafuse.cli._common import err, fail, flag, handle_errors, print_json
 
 SHORT = "List, locate and verify pretrained checkpoints."
 HELP = (
@@ -25,7 +25,7 @@ app = typer.Typer(no_args_is_help=True)
 @app.command("list")
 @handle_errors
 def list_(
-    json: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout.")] = False,
+    json: Annotated[bool, flag("--json", help="Print the table as JSON on stdout.")] = False,
 ) -> None:
     """Show every checkpoint name, its file, where it was found and whether it is intact."""
     from bsafuse import weights
@@ -42,6 +42,9 @@ def list_(
         ok = {None: "[dim]-[/]", True: "[green]yes[/]", False: "[red]sha256 mismatch[/]"}[r.verified]
         table.add_row(r.name, r.filename, where, ok)
     err.print(table)
+    aliases = [f"{a} = {t}" for a, t in weights.ALIASES.items() if weights.canonical(a) == t]
+    if aliases:
+        err.print("Names without a version stand for the newest: " + ", ".join(aliases))
     err.print("Searched: " + ", ".join(str(d) for d in weights.search_dirs()))
     if not weights.REGISTRY:
         err.print(f"No trained weights are released yet; {weights.HOW_TO_PASS}.")
@@ -66,7 +69,7 @@ def verify(
     """Check the sha256 of every registered checkpoint that is present; exit 1 on a mismatch."""
     from bsafuse import weights
 
-    wanted = names or list(weights.REGISTRY)
+    wanted = [weights.canonical(n) for n in names] if names else list(weights.REGISTRY)
     unknown = [n for n in wanted if n not in weights.REGISTRY]
     if unknown:
         fail(
@@ -90,7 +93,7 @@ def verify(
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint, e.g. runs/ct/best.pt.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The checkpoint file to write.")],
-    half: Annotated[bool, typer.Option("--half", help="Store the weights as float16 (half the size).")] = False,
+    half: Annotated[bool, flag("--half", help="Store the weights as float16 (half the size).")] = False,
 ) -> None:
     """Write a checkpoint for sharing: the model config and weights only, no optimizer or training state.
 

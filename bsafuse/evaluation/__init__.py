@@ -26,8 +26,8 @@ from typing import Any
 
 # Loaded on first use, so image mode (`score_files`) runs without importing torch.
 _HOMES = {
-    "DEFAULT_METHODS": "methods",
-    "METHODS": "methods",
+    "DEFAULT_METHODS": "catalogue",
+    "METHODS": "catalogue",
     "ProtocolReport": "protocol",
     "run_protocol": "protocol",
     "summarise": "report",

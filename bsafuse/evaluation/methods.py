@@ -37,6 +37,7 @@ import torch
 
 from bsafuse.errors import BsafuseError, InputError
 from bsafuse.evaluation.cases import Case
+from bsafuse.evaluation.catalogue import DEFAULT_METHODS, METHODS, NO_MODEL
 from bsafuse.model.bsafusion import identity_registration
 from bsafuse.warp import compose_flows, warp
 from bsafuse.working_size import keep_fixed_outside
@@ -45,19 +46,6 @@ if TYPE_CHECKING:
     from bsafuse.device import Precision
     from bsafuse.model import BSAFusion
 
-METHODS: dict[str, str] = {
-    "bsafuse": "the default pipeline: rigid pre-alignment, then the network registers and fuses",
-    "network": "the network alone (--prealign none) registers and fuses the deformed pair",
-    "rigid": "SimpleITK rigid pre-alignment alone, then the network's fusion",
-    "none": "no registration (flow 0), the network's fusion of the unaligned pair",
-    "simpleitk": "SimpleITK affine + B-spline (Mattes MI), then the network's fusion",
-    "simpleitk+bsafuse": "SimpleITK affine + B-spline, then the whole network (flows composed)",
-    "oracle": "ground-truth alignment, then the network's fusion",
-    "average": "(label + fixed) / 2 on the aligned pair: the classic fusion floor",
-    "max": "max(label, fixed) per pixel on the aligned pair: the other classic rule",
-}
-DEFAULT_METHODS = ("bsafuse", "none", "simpleitk", "oracle", "average", "max")
-NO_MODEL = frozenset({"average", "max"})  # methods that run without the network
 
 
 @dataclass(frozen=True)

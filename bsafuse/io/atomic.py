@@ -26,6 +26,36 @@ def full_suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _temporary_name(target: Path, token: str) -> str:
+    return f".{target.name}.{token}.tmp{full_suffix(target)}"
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries a killed writer of `path` left behind (kill -9 skips every cleanup).
+
+    Only names `atomic_path` makes for this very target (``.NAME.<8 hex>.tmp<suffix>``) are removed,
+    so other files in the folder are never touched. Returns what was removed.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    head, tail = f".{target.name}.", f".tmp{full_suffix(target)}"
+    removed = []
+    for candidate in target.parent.iterdir():
+        name = candidate.name
+        token = name[len(head) : len(name) - len(tail)]
+        if (
+            name.startswith(head)
+            and name.endswith(tail)
+            and len(name) == len(head) + 8 + len(tail)
+            and all(c in "0123456789abcdef" for c in token)
+            and candidate.is_file()
+        ):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary path in `path`'s folder; move it onto `path` when the block succeeds.
@@ -42,7 +72,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp{full_suffix(target)}")
+        tmp = target.with_name(_temporary_name(target, secrets.token_hex(4)))
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
         raise OutputError(

@@ -116,6 +116,22 @@ def decode(ds: Any, path: Path) -> NDArray[Any]:
         ) from exc
 
 
+def _not_a_series(folder: Path) -> str:
+    """What to say about a folder given where an image was expected, when it is not a DICOM series."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    images = [p for p in files if p.name.lower().endswith((".png", ".nii", ".nii.gz"))]
+    if not files:
+        found = "it is empty"
+    elif images:
+        found = f"it holds {len(images)} PNG/NIfTI file(s), not a DICOM series"
+    else:
+        found = f"none of its {len(files)} file(s) is a DICOM image"
+    return (
+        f"{folder} is a folder, and a folder stands for one DICOM series, but {found}. Give an image "
+        "file; to fuse folders pair by pair, give two folders (MOVING_DIR FIXED_DIR) and -o OUT_DIR"
+    )
+
+
 def _colour(path: Path, ds: Any, array: NDArray[Any], frames: int) -> MedicalImage:
     if frames > 1:
         raise InputError(f"{path} is a colour multi-frame file; bsafuse reads colour one slice at a time")
@@ -219,7 +235,7 @@ def read_dicom_series(
         series.setdefault(str(ds.get("SeriesInstanceUID", "(no SeriesInstanceUID)")), []).append(p)
         slice_shape = max(slice_shape, (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)))
     if not series:
-        raise InputError(f"{folder} holds no DICOM images; point to a folder of .dcm slices or to one file")
+        raise InputError(_not_a_series(folder))
     if len(series) > 1:
         listing = "; ".join(f"{uid}: {len(files)} files" for uid, files in series.items())
         raise InputError(

@@ -108,6 +108,11 @@ def read_nifti(
     file_ndim = data.ndim
     data3: NDArray[Any] = data.reshape(data.shape + (1,) * (3 - data.ndim))  # (i, j, k)
     affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():  # checked at reading, before any work (and before numpy warns)
+        raise InputError(
+            f"{path}: its affine (sform/qform) holds NaN or infinite values, so where its voxels lie is "
+            "unknown; fix the header (e.g. set a valid sform with nibabel or fslorient) and try again"
+        )
     try:
         pixels, matrix, index_map = orient_volume(
             data3.transpose(2, 1, 0), LPS_TO_RAS @ affine, slice_index=slice_index, axis=axis, path=path

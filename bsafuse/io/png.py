@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from bsafuse.errors import InputError
 from bsafuse.io.color import grey_if_channels_equal
 from bsafuse.io.image import MedicalImage, check_size
-from bsafuse.io.intensity import bit_depth_map, window_map
+from bsafuse.io.intensity import bit_depth_map
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -43,7 +43,10 @@ def _check_ihdr_size(path: Path) -> None:
 
 
 def read_png(path: Path, *, window: tuple[float, float] | None = None) -> MedicalImage:
-    """Read a PNG as a `MedicalImage` (no geometry: spacing 1, origin 0)."""
+    """Read a PNG as a `MedicalImage` (no geometry: spacing 1, origin 0).
+
+    `window` is refused: a PNG holds display grey levels, not Hounsfield units.
+    """
     _check_ihdr_size(path)
     try:
         image = Image.open(path)
@@ -68,9 +71,12 @@ def read_png(path: Path, *, window: tuple[float, float] | None = None) -> Medica
     if array.dtype != np.uint8:  # 16-bit grey comes as I;16 or I (int32) depending on Pillow
         array = array.astype(np.uint16 if bits == 16 else np.uint8)
     colour = array.ndim == 3
-    if window is not None and colour:
-        raise InputError(f"{path} is a colour image; a window applies to grey images only")
-    intensity = window_map(*window) if window is not None else bit_depth_map(bits)
+    if window is not None:
+        kind = "a colour image" if colour else f"a {bits}-bit PNG of display grey levels, not Hounsfield units"
+        raise InputError(
+            f"{path} is {kind}; a window applies to CT in HU (DICOM or NIfTI): leave out --window"
+        )
+    intensity = bit_depth_map(bits)
     return MedicalImage(
         pixels=intensity.normalise(array),
         path=path,

@@ -185,7 +185,10 @@ class Trainer:
             batch_size=self.local_batch,
             sampler=self.sampler,
             num_workers=cfg.workers,
-            persistent_workers=cfg.workers > 0,
+            # Not persistent: each epoch's workers end with its iterator. They ignore SIGTERM (so a
+            # signal to the process group stops training in order, data.ignore_sigint), so they must
+            # not outlive the loop, where multiprocessing's exit would SIGTERM and wait for them.
+            persistent_workers=False,
             pin_memory=self.device.type == "cuda",
             worker_init_fn=data_mod.ignore_sigint if cfg.workers > 0 else None,
         )
