@@ -2,11 +2,14 @@
 
 Volumes (and 2-D images of different sizes that both carry real geometry, DICOM or NIfTI) are
 resampled in world coordinates with SimpleITK; plain arrays and PNGs carry no geometry, so a moving
-image of another size is assumed to cover the same field of view and is resized. numpy in, numpy out.
+image of another size is assumed to cover the same field of view and is resized, keeping its pixel
+aspect: one of another aspect ratio is scaled to fit inside the fixed grid and centred, never
+stretched (with a warning). numpy in, numpy out.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -19,14 +22,22 @@ from bsafuse.io import MedicalImage
 
 ImageLike = MedicalImage | np.ndarray | Tensor
 MIN_SIDE = 2  # pixels: the smallest image side accepted
+ASPECT_TOLERANCE = 0.01  # relative difference of aspect ratios below which a resize is a plain resize
+log = logging.getLogger(__name__)
 
 
-def pair_in_fixed_grid(moving: ImageLike, fixed: ImageLike) -> tuple[np.ndarray, np.ndarray, bool]:
+def pair_in_fixed_grid(
+    moving: ImageLike, fixed: ImageLike, *, ignore_geometry: bool = False
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """Check a pair and bring the moving pixels into the fixed image's grid.
 
     Returns moving pixels ((H, W), (H, W, 3) or (D, H, W)), fixed pixels ((H, W) or (D, H, W))
-    and whether the pair is a volume pair.
+    and whether the pair is a volume pair. `ignore_geometry` disregards where the headers place
+    the images (different frames of reference): the moving image keeps its spacing and direction
+    and is centred on the fixed image before the world-coordinate resampling.
     """
+    if ignore_geometry and isinstance(moving, MedicalImage) and isinstance(fixed, MedicalImage):
+        moving = moving.centred_on(fixed)
     fixed_px = _pixels(fixed, "fixed")
     if _is_colour(fixed, fixed_px):
         if np.ptp(fixed_px, axis=-1).max() > 1e-6:
@@ -52,7 +63,7 @@ def pair_in_fixed_grid(moving: ImageLike, fixed: ImageLike) -> tuple[np.ndarray,
     if fixed_volume or (spatial != fixed_px.shape and _has_geometry(moving) and _has_geometry(fixed)):
         moving_px = _resample_world(moving, fixed)
     elif spatial != fixed_px.shape:
-        moving_px = _resize(moving_px, fixed_px.shape)
+        moving_px = _resize(moving_px, fixed_px.shape, _name(moving, "the moving image"))
     return moving_px, fixed_px, fixed_volume
 
 
@@ -132,12 +143,28 @@ def _resample_world(moving: ImageLike, fixed: ImageLike) -> np.ndarray:
     return np.asarray(resample_to(moving, fixed).pixels, dtype=np.float32)
 
 
-def _resize(pixels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Bilinear resize of a 2-D grey or RGB array to `shape` = (H, W) (same field of view)."""
+def _resize(pixels: np.ndarray, shape: tuple[int, ...], name: str = "the moving image") -> np.ndarray:
+    """A 2-D grey or RGB array brought to `shape` = (H, W) without geometry: its pixel aspect kept.
+
+    Same aspect ratio (within 1 %): a bilinear resize (the same field of view is assumed). Another
+    aspect ratio: scaled uniformly to fit inside (H, W) and centred, the rest padded with zeros (no
+    moving data there), never stretched; a warning says so.
+    """
     x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
     x = x.permute(2, 0, 1)[None] if x.ndim == 3 else x[None, None]
-    smaller = shape[0] < x.shape[-2] or shape[1] < x.shape[-1]
-    x = F.interpolate(x, size=tuple(shape), mode="bilinear", align_corners=True, antialias=smaller)[0]
+    (h, w), (height, width) = x.shape[-2:], (int(shape[0]), int(shape[1]))
+    size = (height, width)
+    if abs((h / w) / (height / width) - 1) > ASPECT_TOLERANCE:
+        scale = min(height / h, width / w)
+        size = (min(height, max(1, round(h * scale))), min(width, max(1, round(w * scale))))
+        log.warning(
+            "%s is %d x %d pixels and the fixed image %d x %d; without geometry (PNG or array) it is "
+            "scaled by %.3g keeping its aspect and centred, not stretched", name, h, w, height, width, scale,
+        )  # fmt: skip
+    smaller = size[0] < h or size[1] < w
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=True, antialias=smaller)[0]
+    top, left = (height - size[0]) // 2, (width - size[1]) // 2
+    x = F.pad(x, (left, width - size[1] - left, top, height - size[0] - top))
     return (x.permute(1, 2, 0) if pixels.ndim == 3 else x[0]).numpy()
 
 

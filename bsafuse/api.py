@@ -169,6 +169,7 @@ def fuse(
     batch_size: int = 8,
     progress: Progress | None = None,
     guard: bool = True,
+    ignore_geometry: bool = False,
 ) -> FuseResult:
     """Register `moving` onto `fixed` and fuse them with `model`, in the fixed image's grid.
 
@@ -177,11 +178,12 @@ def fuse(
     `prealign` is "none", "rigid" or "affine"; None means DEFAULT_PREALIGN (rigid). With `guard`,
     a slice whose pair the network's flow leaves less similar (normalised mutual information)
     than the pre-alignment alone keeps the pre-alignment (`FuseResult.fallback_slices`, and a
-    logged warning). Volume slices go through the network `batch_size` at a time. See the module
-    docstring.
+    logged warning). `ignore_geometry` centres the moving image on the fixed one instead of placing
+    both by their headers (pairs without a shared frame of reference). Volume slices go through the
+    network `batch_size` at a time. See the module docstring.
     """
     start = time.perf_counter()
-    moving_px, fixed_px, is_volume = pair_in_fixed_grid(moving, fixed)
+    moving_px, fixed_px, is_volume = pair_in_fixed_grid(moving, fixed, ignore_geometry=ignore_geometry)
     kind = prealign or DEFAULT_PREALIGN
     if kind not in PREALIGN_KINDS:
         raise InputError(f"prealign must be one of {', '.join(PREALIGN_KINDS)}, got {kind!r}")
@@ -343,12 +345,16 @@ def fuse_files(
     read_options: dict[str, Any] | None = None,
     batch_size: int = 8,
     progress: Progress | None = None,
+    anonymize: bool = False,
+    ignore_geometry: bool = False,
 ) -> FuseReport:
     """Fuse files (or register them, with mode="register") and write the outputs.
 
     Two files (or two DICOM series folders with an output file name) make one pair. Two folders
     with an output folder pair their files by stem (`pattern` filters them): finished pairs are
-    skipped unless `overwrite`, a bad pair is recorded and the rest still run. `save_flow`,
+    skipped unless `overwrite`, a bad pair is recorded and the rest still run. A DICOM output is a
+    derived series of the fixed image's study (same study and frame of reference, its patient tags),
+    or, with `anonymize`, of a new study with empty patient tags. `save_flow`,
     `save_warped` and `report` are files for one pair and folders for folder runs. Every write is
     atomic and no input is ever overwritten. Returns a FuseReport; failures are in it, not raised
     (except for problems that stop the whole run, such as missing weights).
@@ -365,6 +371,8 @@ def fuse_files(
         read_options=read_options or {},
         batch_size=batch_size,
         progress=progress,
+        anonymize=anonymize,
+        ignore_geometry=ignore_geometry,
     )
     return runner.run(
         Path(moving),

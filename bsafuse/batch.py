@@ -199,6 +199,8 @@ class Runner:
     read_options: dict[str, Any]
     batch_size: int
     progress: Progress | None
+    anonymize: bool = False  # DICOM outputs: a new study with empty patient tags (io.write_image)
+    ignore_geometry: bool = False  # centre the moving image on the fixed one (api.fuse)
     _models: dict[str, BSAFusion] = field(default_factory=dict)
     _used: dict[int, str] = field(default_factory=dict)  # job index -> weights used
     _fallback: dict[int, list[int]] = field(default_factory=dict)  # job index -> fallback slices
@@ -334,13 +336,14 @@ class Runner:
             prealign=self.prealign,  # type: ignore[arg-type]
             batch_size=self.batch_size,
             progress=step,
+            ignore_geometry=self.ignore_geometry,
         )
         self._fallback[job.index] = list(res.fallback_slices)
         return res, loaded
 
     def _write(self, job: _Job, computed: tuple[FuseResult, _Loaded]) -> None:
         res, loaded = computed
-        job.outputs.write(res, loaded.fixed, mode=self.mode)
+        job.outputs.write(res, loaded, mode=self.mode, anonymize=self.anonymize)
 
     def _outcome(
         self,
@@ -428,23 +431,34 @@ class _Outputs:
             _check_writable(path, option, suffixes)
             remove_stale_temporaries(path)  # left by a run killed mid-write
 
-    def write(self, res: FuseResult, fixed: MedicalImage, *, mode: str) -> None:
+    def write(self, res: FuseResult, loaded: _Loaded, *, mode: str, anonymize: bool) -> None:
         # The main output goes last, so its presence means the pair is complete; if any write
         # fails, the side outputs this call wrote are removed again (no half-finished pair).
+        fixed, moving = loaded.fixed, loaded.moving.modality or "moving image"
+        onto = f"onto {fixed.modality or 'the fixed image'}"
+        descriptions = {"fuse": f"bsafuse fusion of {moving} {onto}", "register": f"bsafuse: {moving} registered {onto}"}
         written: list[Path] = []
         try:
             if self.flow is not None:
                 save_flow(self.flow, res.flow, like=fixed)
                 written.append(self.flow)
             if self.warped is not None:
-                write_image(self.warped, res.warped, like=fixed)
+                write_image(
+                    self.warped, res.warped, like=fixed, anonymize=anonymize, description=descriptions["register"]
+                )
                 written.append(self.warped)
             if self.report is not None:
                 from bsafuse.report import write_report
 
                 write_report(self.report, res, title=fixed.path.name if fixed.path else None)
                 written.append(self.report)
-            write_image(self.main, res.fused if mode == "fuse" else res.warped, like=fixed)
+            write_image(
+                self.main,
+                res.fused if mode == "fuse" else res.warped,
+                like=fixed,
+                anonymize=anonymize,
+                description=descriptions[mode],
+            )
         except BaseException:
             for path in written:
                 path.unlink(missing_ok=True)

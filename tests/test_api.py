@@ -115,8 +115,22 @@ def test_non_square_is_padded_not_stretched() -> None:
 
 
 def test_moving_of_another_size_is_resized_to_the_fixed_grid() -> None:
-    result = fuse(phantom(32, 32), phantom(64, 64), PlantedModel(shift=(0.0, 0.0)))
+    result = fuse(phantom(32, 32), phantom(64, 64), PlantedModel(shift=(0.0, 0.0)), prealign="none")
     assert result.moving_resampled.shape == (64, 64) and result.fused.shape == (64, 64)
+
+
+def test_moving_of_another_aspect_keeps_its_aspect_centred(caplog: pytest.LogCaptureFixture) -> None:
+    wide = np.ones((20, 40), np.float32)  # 1:2 onto a square grid: scaled by 1.6 to 32 x 64, centred
+    with caplog.at_level("WARNING", logger="bsafuse"):
+        result = fuse(wide, phantom(64, 64), PlantedModel(shift=(0.0, 0.0)), prealign="none", guard=False)
+    band = result.moving_resampled
+    assert band.shape == (64, 64)
+    assert float(band[16:48].min()) == pytest.approx(1.0) and float(band[:15].max()) == 0.0 and float(band[49:].max()) == 0.0
+    assert "is 20 x 40 pixels and the fixed image 64 x 64" in caplog.text and "not stretched" in caplog.text
+    with caplog.at_level("WARNING", logger="bsafuse"):
+        caplog.clear()
+        fuse(np.ones((32, 32), np.float32), phantom(64, 64), PlantedModel(shift=(0.0, 0.0)), prealign="none")
+    assert "not stretched" not in caplog.text  # same aspect: a plain resize, nothing to say
 
 
 def test_border_rule_with_planted_shift() -> None:

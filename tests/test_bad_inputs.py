@@ -34,6 +34,7 @@ from typer.testing import CliRunner, Result
 
 from bsafuse import weights
 from bsafuse.cli import app
+from bsafuse.io import read_image
 from bsafuse.config import ModelConfig
 
 MR_SMALL = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
@@ -273,7 +274,7 @@ def volumes_without_overlap(e: Env) -> Case:
     volume = np.stack([blob(16, s) for s in range(4)], axis=-1)
     moving = nifti(e.tmp / "far.nii.gz", volume, far)
     fixed = nifti(e.tmp / "here.nii.gz", volume)
-    return Case(e.fuse(moving, fixed, output=e.out / "fused.nii.gz"), "far.nii.gz")
+    return Case(e.fuse(moving, fixed, output=e.out / "fused.nii.gz"), "far.nii.gz", also=("--ignore-geometry",))
 
 
 def rgb_fixed(e: Env) -> Case:
@@ -479,3 +480,21 @@ def test_failed_main_write_leaves_no_side_outputs(env: Env) -> None:
     )
     assert_one_error_line(result, "f.jpg")
     assert not env.out.exists() or not list(env.out.iterdir())
+
+
+def test_volumes_without_overlap_fuse_with_ignore_geometry(env: Env) -> None:
+    """Two frames of reference half a metre apart: --ignore-geometry centres one on the other."""
+    far = np.eye(4)
+    far[:3, 3] = 500.0
+    volume = np.stack([blob(16, s) for s in range(4)], axis=-1)
+    moving = nifti(env.tmp / "far.nii.gz", volume, far)
+    fixed = nifti(env.tmp / "here.nii.gz", volume)
+    out = env.out / "fused.nii.gz"
+    result, _ = invoke(env.fuse(moving, fixed, "--ignore-geometry", "--prealign", "none", output=out))
+    assert result.exit_code == 0, result.output
+    centred = read_image(env.out / "fused.nii.gz")
+    assert centred.shape == (4, 16, 16)
+    from bsafuse._pair import pair_in_fixed_grid
+
+    moved, _, _ = pair_in_fixed_grid(read_image(moving), read_image(fixed), ignore_geometry=True)
+    np.testing.assert_allclose(moved, read_image(fixed).pixels, atol=1e-5)  # same grid once centred

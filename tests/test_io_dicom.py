@@ -182,6 +182,20 @@ def test_volume_written_as_multiframe_reads_back_everywhere(tmp_path: Path) -> N
 # --- writing ------------------------------------------------------------------------------------
 
 
+def test_anonymized_output_is_a_new_study_with_no_patient_values(tmp_path: Path) -> None:
+    from bsafuse.io.image import STUDY_TAGS
+
+    ct = read_image(CT_SMALL)
+    source = pydicom.dcmread(CT_SMALL)
+    assert str(source.PatientName) and source.PatientID  # the control: the source has them
+    ds = pydicom.dcmread(write_image(tmp_path / "anon.dcm", ct, like=ct, anonymize=True, description="x y"))
+    assert ds.StudyInstanceUID != source.StudyInstanceUID
+    assert ds.FrameOfReferenceUID != source.FrameOfReferenceUID
+    assert all(str(ds.get(k, "")) == "" for k in STUDY_TAGS if k != "StudyDescription"), "patient module kept"
+    assert ds.SeriesDescription == "x y"
+    assert "PatientName" not in repr(ct) and str(source.PatientName) not in repr(ct)  # never shown
+
+
 def test_written_slice_keeps_geometry_modality_and_hu(tmp_path: Path) -> None:
     ct = read_image(CT_SMALL)
     out = write_image(tmp_path / "fused.dcm", ct.pixels[::-1].copy(), like=ct)
@@ -189,8 +203,11 @@ def test_written_slice_keeps_geometry_modality_and_hu(tmp_path: Path) -> None:
     source = pydicom.dcmread(CT_SMALL)
     assert ds.Modality == "CT"
     assert ds.SOPInstanceUID != source.SOPInstanceUID and ds.SeriesInstanceUID != source.SeriesInstanceUID
-    assert ds.StudyInstanceUID != source.StudyInstanceUID
-    assert str(ds.PatientName) == "" and ds.PatientID == "" and ds.PatientBirthDate == ""
+    # a derived series of the source's study: viewers overlay it on the source
+    assert ds.StudyInstanceUID == source.StudyInstanceUID
+    assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert str(ds.PatientName) == str(source.PatientName) and ds.PatientID == source.PatientID
     assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, -1024.0)
     back = read_image(out)
     np.testing.assert_allclose(back.pixels, ct.pixels[::-1], atol=1.5 / 400)  # 1 HU in a 400 HU window
@@ -253,6 +270,19 @@ def test_compressed_without_decoder_names_the_extra() -> None:
         match=r'MR_small_jpeg_ls_lossless\.dcm is compressed.*pip install "bsafuse\[dicom-codecs\]"',
     ):
         read_image(path)
+
+
+def test_compressed_that_the_installed_decoder_cannot_read_names_the_extra() -> None:
+    """12-bit JPEG Extended: Pillow is installed and claims the syntax, but cannot decode it."""
+    path = Path(get_testdata_file("JPEG-lossy.dcm"))  # type: ignore[arg-type]
+    try:
+        pydicom.dcmread(path).pixel_array  # noqa: B018
+        pytest.skip("a decoder that reads 12-bit JPEG Extended is installed here")
+    except Exception:  # whatever the decoder raises (pytest.skip is not an Exception)
+        pass
+    with pytest.raises(InputError, match=r"JPEG-lossy\.dcm is compressed \(JPEG Extended.*bsafuse\[dicom-codecs\]") as info:
+        read_image(path)
+    assert "truncated" not in str(info.value)
 
 
 def test_missing_pixel_data(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 DICOM inputs carry planted patient tags (name, ID, dates, accession number, institution; some in
 forms pydicom's validation would complain about, quoting the value, if anything read them). After
 successful and failing runs the planted values must appear in none of: stdout (the --json summary),
-stderr (messages, the summary table), log records, Python warnings, and the written files (fused and
-warped DICOM, flow, report panel).
+stderr (messages, the summary table), log records, Python warnings, and the written files (flow,
+report panel). DICOM outputs are a derived series of the fixed image's study and carry its patient
+module (so viewers overlay them on the MRI), unless --anonymize, which leaves nothing anywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bsafuse.cli import app
 NAME, ID = "Zyxwv^Qwerty", "PID-8675309-XQ" + "7" * 60  # the ID is too long for its VR (LO, 64)
 DATES = {"StudyDate": "19310417", "PatientBirthDate": "19020305", "SeriesDate": "1931-04-18"}  # last: bad DA
 OTHER = {"AccessionNumber": "ACC55501", "InstitutionName": "Mercy Hill Clinic"}
+STUDY_UID, FRAME_UID = generate_uid(), generate_uid()
 SECRETS = [NAME, "Zyxwv", "Qwerty", ID[:14], *DATES.values(), "1931-04-17", *OTHER.values()]
 
 
@@ -59,6 +61,7 @@ def patient_dicom(path: Path, modality: str, *, shift: float = 0.0, series: str 
         for keyword, value in {**DATES, **OTHER}.items():
             setattr(ds, keyword, value)
     ds.Modality, ds.SeriesInstanceUID = modality, series or generate_uid()
+    ds.StudyInstanceUID, ds.FrameOfReferenceUID = STUDY_UID, FRAME_UID  # one study: CT and MR overlap
     ds.Rows = ds.Columns = 64
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = 16
@@ -93,13 +96,13 @@ def assert_no_secrets(*texts: str | bytes) -> None:
             assert secret.encode() not in blob, f"{secret!r} leaked"
 
 
-def written_bytes(folder: Path) -> list[bytes]:
-    """Every file under `folder`, gzip-decompressed where it is gzip (flow .nii.gz)."""
+def written_bytes(path: Path) -> bytes:
+    """Every file under `path` (or the file itself), gzip-decompressed where it is gzip (flow .nii.gz)."""
     out = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = path.read_bytes()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        data = file.read_bytes()
         out.append(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
-    return out
+    return b"".join(out)
 
 
 def fuse_args(moving: Path, fixed: Path, output: Path, ckpt: Path, *extra: object) -> list[object]:
@@ -125,9 +128,35 @@ def test_successful_run_leaks_no_patient_tags(
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["ok"] == 1
     assert {p.name for p in out.iterdir()} == {"fused.dcm", "warped.dcm", "flow.nii.gz", "report.png"}
+    # The DICOM outputs are a derived series of the MR's study: its patient module, its study and
+    # frame of reference (so a viewer overlays them); nothing else carries patient data.
+    for name in ("fused.dcm", "warped.dcm"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the planted ID is too long for its VR, on purpose
+            ds = pydicom.dcmread(out / name)
+            ds.PatientID  # noqa: B018  (decoded here, where its complaint is silenced)
+        assert str(ds.PatientName) == NAME and ds.PatientID == ID and ds.StudyDate == DATES["StudyDate"]
+        assert (ds.StudyInstanceUID, ds.FrameOfReferenceUID) == (STUDY_UID, FRAME_UID)
+        assert ds.SeriesInstanceUID not in (pydicom.dcmread(mr).SeriesInstanceUID, pydicom.dcmread(ct).SeriesInstanceUID)
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and "bsafuse" in ds.SeriesDescription
+        assert "InstitutionName" not in ds  # only the patient and study modules are copied
+    others = [p for p in sorted(out.iterdir()) if p.suffix != ".dcm"]
+    assert_no_secrets(result.stdout, result.stderr, said, *(written_bytes(p) for p in others))
+
+
+def test_anonymized_run_leaks_no_patient_tags_anywhere(
+    tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ct = patient_dicom(tmp_path / "in" / "ct.dcm", "CT", shift=3)
+    mr = patient_dicom(tmp_path / "in" / "mr.dcm", "MR")
+    out = tmp_path / "out"
+    result, said = run_cli(fuse_args(ct, mr, out / "fused.dcm", tiny_checkpoint, "--json", "--anonymize",
+                                     "--save-warped", out / "warped.dcm"), caplog)  # fmt: skip
+    assert result.exit_code == 0, result.output
     fused = pydicom.dcmread(out / "fused.dcm")
     assert str(fused.PatientName) == "" and fused.PatientID == "" and fused.StudyDate == ""
-    assert_no_secrets(result.stdout, result.stderr, said, *written_bytes(out))
+    assert fused.StudyInstanceUID != STUDY_UID and fused.FrameOfReferenceUID != FRAME_UID
+    assert_no_secrets(result.stdout, result.stderr, said, written_bytes(out))
 
 
 def test_failing_runs_leak_no_patient_tags(
@@ -168,7 +197,8 @@ def test_folder_run_summary_and_json_leak_no_patient_tags(
     summary = json.loads(result.stdout)
     assert (summary["ok"], summary["failed"]) == (1, 1)
     assert "bad.dcm" in result.stderr and "failed pairs" in result.stderr
-    assert_no_secrets(result.stdout, result.stderr, said, *written_bytes(out))
+    assert sorted(p.name for p in out.iterdir()) == ["good.dcm"]  # a derived series of good.dcm's study
+    assert_no_secrets(result.stdout, result.stderr, said)
 
 
 # ------------------------------------------------------------------ tracebacks show no locals

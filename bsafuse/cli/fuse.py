@@ -109,6 +109,22 @@ Window = Annotated[
 ]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Volume slices per network batch.")]
 Json = Annotated[bool, flag("--json", help="Print a machine-readable summary on stdout.")]
+IgnoreGeometry = Annotated[
+    bool,
+    flag(
+        "--ignore-geometry",
+        help="Disregard where the headers place the images (pairs without a shared frame of reference): "
+        "centre the moving image on the fixed one, keeping its spacing.",
+    ),
+]
+Anonymize = Annotated[
+    bool,
+    flag(
+        "--anonymize",
+        help="DICOM outputs: a new study with empty patient tags. Default: a derived series of the fixed "
+        "image's study (same study and frame of reference, its patient tags), so viewers overlay it.",
+    ),
+]
 
 
 @handle_errors
@@ -136,13 +152,16 @@ def fuse(
     axis: Axis = "z",
     window: Window = None,
     batch_size: BatchSize = 8,
+    anonymize: Anonymize = False,
+    ignore_geometry: IgnoreGeometry = False,
     json: Json = False,
 ) -> None:
     """Register MOVING onto FIXED and fuse them into OUTPUT."""
     run_command(
         "fuse", moving, fixed, output, json=json, weights=weights, device=device, precision=precision.value,
         prealign=prealign.value if prealign else None, save_flow=save_flow, save_warped=save_warped,
-        report=report, pattern=pattern, overwrite=overwrite, batch_size=batch_size,
+        report=report, pattern=pattern, overwrite=overwrite, batch_size=batch_size, anonymize=anonymize,
+        ignore_geometry=ignore_geometry,
         read_options=read_options(slice_index, axis, window),
     )  # fmt: skip
 

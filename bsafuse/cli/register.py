@@ -9,10 +9,12 @@ import typer
 
 from bsafuse.cli._common import handle_errors
 from bsafuse.cli.fuse import (
+    Anonymize,
     Axis,
     BatchSize,
     Device,
     Fixed,
+    IgnoreGeometry,
     Json,
     Moving,
     Overwrite,
@@ -54,11 +56,15 @@ def register(
     axis: Axis = "z",
     window: Window = None,
     batch_size: BatchSize = 8,
+    anonymize: Anonymize = False,
+    ignore_geometry: IgnoreGeometry = False,
     json: Json = False,
 ) -> None:
     """Warp MOVING onto FIXED and write OUTPUT."""
     run_command(
         "register", moving, fixed, output, json=json, weights=weights, device=device, precision=precision.value,
         prealign=prealign.value if prealign else None, save_flow=save_flow, pattern=pattern,
-        overwrite=overwrite, batch_size=batch_size, read_options=read_options(slice_index, axis, window),
+        overwrite=overwrite, batch_size=batch_size, anonymize=anonymize,
+        ignore_geometry=ignore_geometry,
+        read_options=read_options(slice_index, axis, window),
     )  # fmt: skip

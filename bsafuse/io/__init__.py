@@ -178,8 +178,13 @@ def write_image(
     image_or_array: MedicalImage | ArrayLike,
     *,
     like: MedicalImage | None = None,
+    anonymize: bool = False,
+    description: str = "",
 ) -> Path:
     """Write pixels in [0, 1] to .png, .dcm, .nii or .nii.gz, atomically; returns the path.
+
+    DICOM: a new series of `like`'s study (same study and frame of reference, its patient tags)
+    where `like` came from DICOM, unless `anonymize`; `description` is its SeriesDescription.
 
     `like` (default: the image itself) supplies geometry, modality and the value range to write
     back: PNG is 8-bit, 16-bit for grey images whose `like` came from a file with more than 8 bits;
@@ -217,7 +222,7 @@ def write_image(
         elif suffix == ".dcm":
             from bsafuse.io.dicom_write import write_dicom
 
-            write_dicom(tmp, image, image)
+            write_dicom(tmp, image, image, anonymize=anonymize, description=description)
         else:
             from bsafuse.io.nifti import write_nifti
 

@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 
 from bsafuse.errors import InputError
 from bsafuse.io.color import grey_if_channels_equal
-from bsafuse.io.dicom_stack import build_image, frame_plane, frame_position
+from bsafuse.io.dicom_stack import build_image, frame_plane, frame_position, study_of
 from bsafuse.io.image import MedicalImage, check_size, geometry_from_matrix
 from bsafuse.io.intensity import bit_depth_map
 
@@ -105,12 +105,16 @@ def decode(ds: Any, path: Path) -> NDArray[Any]:
             compressed = bool(syntax.is_compressed)
         except ValueError:
             compressed = False
-        if compressed and not _decoder_available(syntax):
-            raise InputError(
-                f"{path} is compressed ({syntax.name}) and no installed decoder reads it; "
-                f"install the decoders with: {CODECS_HINT}"
-            ) from exc
         reason = str(exc).split(" - ")[0].splitlines()[0][:160] if str(exc) else type(exc).__name__
+        if compressed:
+            # No decoder, or only one that cannot read this variant (Pillow and 12-bit JPEG Extended)
+            lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+            why = "no installed decoder reads it" if not _decoder_available(syntax) else (
+                f"the installed decoders cannot read it ({lines[0][:160] if lines else reason})"
+            )
+            raise InputError(
+                f"{path} is compressed ({syntax.name}) and {why}; install the decoders with: {CODECS_HINT}"
+            ) from exc
         raise InputError(
             f"{path}: its pixel data cannot be decoded ({reason}); the file may be truncated"
         ) from exc
@@ -157,6 +161,7 @@ def _colour(path: Path, ds: Any, array: NDArray[Any], frames: int) -> MedicalIma
         modality=str(ds.get("Modality", "")).upper() or None,
         path=path,
         is_colour=array.ndim == 3,
+        study=study_of(ds),
         source_format="dicom",
         source_dtype=f"uint{bits}",
         bit_depth=bits,

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bsafuse.errors import InputError
-from bsafuse.io.image import MedicalImage, geometry_from_matrix, orient_volume
+from bsafuse.io.image import STUDY_TAGS, DicomStudy, MedicalImage, geometry_from_matrix, orient_volume
 from bsafuse.io.intensity import choose_map
 
 
@@ -144,4 +144,15 @@ def build_image(
         bit_depth=int(ds.get("BitsStored", 8 * frames[0].dtype.itemsize)),
         rescale=rescales[0],
         intensity=intensity,
+        study=study_of(ds),
     )
+
+
+def study_of(ds: Any) -> DicomStudy | None:
+    """The study of a dataset (None without a StudyInstanceUID): UIDs and the patient/study tags."""
+    study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    if not study_uid:
+        return None
+    tags = tuple((k, str(ds.get(k))) for k in STUDY_TAGS if ds.get(k) not in (None, ""))
+    frame = str(ds.get("FrameOfReferenceUID", "") or "") or None
+    return DicomStudy(study_uid, frame, tags)

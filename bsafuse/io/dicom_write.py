@@ -8,6 +8,7 @@ Modality is `like`'s, so reading the file back picks the same intensity defaults
 
 from __future__ import annotations
 
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from bsafuse.io.image import MedicalImage
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MULTIFRAME_SC = {8: "1.2.840.10008.5.1.4.1.1.7.2", 16: "1.2.840.10008.5.1.4.1.1.7.3"}  # by bits allocated
-EMPTY_TAGS = (  # type 2: present, left empty; nothing about the patient is ever copied
+EMPTY_TAGS = (  # type 2: present, left empty unless the output joins its source's study
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -108,19 +109,37 @@ def _geometry(ds: Any, image: MedicalImage) -> NDArray[Any]:
     return image.pixels[::-1] if reverse else image.pixels
 
 
-def write_dicom(path: Path, image: MedicalImage, like: MedicalImage) -> None:
-    """Write `image` (pixels) in `like`'s geometry, modality and value range to `path`."""
+def write_dicom(
+    path: Path, image: MedicalImage, like: MedicalImage, *, anonymize: bool = False, description: str = ""
+) -> None:
+    """Write `image` (pixels) in `like`'s geometry, modality and value range to `path`.
+
+    Where `like` came from a DICOM study, the output is a new series of that study: the same study
+    and frame of reference (so viewers overlay it on `like`), the patient and study tags of `like`,
+    new series and instance UIDs. `anonymize` (or a `like` without a study) gives a new study and
+    frame of reference with the patient tags present but empty. `description` becomes the
+    SeriesDescription ("bsafuse output" when empty).
+    """
     pydicom = pydicom_module()
     uid = pydicom.uid
     ds = pydicom.dataset.Dataset()
     for keyword in EMPTY_TAGS:
         setattr(ds, keyword, "")
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = uid.generate_uid(), uid.generate_uid()
-    ds.SOPInstanceUID, ds.FrameOfReferenceUID = uid.generate_uid(), uid.generate_uid()
+    study = None if anonymize else like.study
+    if study is not None:
+        with warnings.catch_warnings():  # pydicom's validation would quote a value it dislikes
+            warnings.simplefilter("ignore")
+            for keyword, value in study.tags:
+                setattr(ds, keyword, value)
+        ds.StudyInstanceUID = study.study_uid
+        ds.FrameOfReferenceUID = study.frame_of_reference_uid or uid.generate_uid()
+    else:
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID = uid.generate_uid(), uid.generate_uid()
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = uid.generate_uid(), uid.generate_uid()
     ds.Modality = like.modality or "OT"
     ds.ConversionType = "WSD"
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.SeriesDescription = "bsafuse output"
+    ds.SeriesDescription = description or "bsafuse output"
     ds.SoftwareVersions = f"bsafuse {__version__}"
     ds.ContentDate = datetime.now(timezone.utc).strftime("%Y%m%d")
     ds.Rows, ds.Columns = image.shape[-2:]
@@ -148,8 +167,10 @@ def write_dicom(path: Path, image: MedicalImage, like: MedicalImage) -> None:
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, ds.SOPInstanceUID
     meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
     ds.file_meta, ds.preamble = meta, b"\0" * 128
-    try:
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    except TypeError:  # pydicom < 3
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        pydicom.dcmwrite(path, ds, write_like_original=False)
+    with warnings.catch_warnings():  # the source's own values, copied as they were: no complaints quoted
+        warnings.simplefilter("ignore")
+        try:
+            pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        except TypeError:  # pydicom < 3
+            ds.is_little_endian, ds.is_implicit_VR = True, False
+            pydicom.dcmwrite(path, ds, write_like_original=False)

@@ -44,6 +44,37 @@ class NiftiLayout:
     qform_code: int = 1
 
 
+# What a derived DICOM series copies from its source: the patient and general study modules.
+STUDY_TAGS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "StudyDescription",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class DicomStudy:
+    """The study a DICOM image belongs to, so an output can join it as a derived series.
+
+    Holds patient data: it is never printed, logged or put in a report (its repr says nothing), and
+    only the DICOM writer reads it (io/dicom_write.py), unless told to anonymise.
+    """
+
+    study_uid: str
+    frame_of_reference_uid: str | None
+    tags: tuple[tuple[str, str], ...]  # (keyword, value) of STUDY_TAGS present in the source
+
+    def __repr__(self) -> str:
+        return "DicomStudy(<not shown>)"
+
+
 @dataclass(frozen=True, eq=False)
 class MedicalImage:
     """An image as bsafuse works with it.
@@ -59,6 +90,7 @@ class MedicalImage:
         rescale: (slope, intercept) from stored to real values (DICOM Rescale*, NIfTI scl_*).
         intensity: the map from real values to pixels; `intensity.restore(pixels)` inverts it.
         nifti: for NIfTI sources, the layout that lets a writer restore the file's voxel order.
+        study: for DICOM sources, the study an output joins as a derived series (never shown).
     """
 
     pixels: NDArray[np.float32]
@@ -74,6 +106,7 @@ class MedicalImage:
     rescale: tuple[float, float] = (1.0, 0.0)
     intensity: IntensityMap = field(default_factory=lambda: IntensityMap(0.0, 1.0, "unit"))
     nifti: NiftiLayout | None = None
+    study: DicomStudy | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         name = self.path if self.path is not None else "the image array"
@@ -130,6 +163,18 @@ class MedicalImage:
     def index_to_world(self) -> NDArray[np.float64]:
         """4x4 matrix taking (x, y, z, 1) pixel indices to LPS millimetres."""
         return geometry_matrix(self.spacing, self.origin, self.direction)
+
+    def centre(self) -> NDArray[np.float64]:
+        """The LPS position (mm) of the middle of the pixel grid."""
+        depth = self.shape[0] if self.is_volume else 1
+        height, width = self.shape[-2:]
+        middle = np.array([(width - 1) / 2, (height - 1) / 2, (depth - 1) / 2, 1.0])
+        return (self.index_to_world() @ middle)[:3]
+
+    def centred_on(self, other: MedicalImage) -> MedicalImage:
+        """This image moved (origin only: spacing and direction kept) so its centre is `other`'s."""
+        x, y, z = (float(v) for v in np.asarray(self.origin) + other.centre() - self.centre())
+        return replace(self, origin=(x, y, z))
 
     def with_pixels(self, pixels: ArrayLike, **changes: Any) -> MedicalImage:
         """Same geometry and metadata, new pixels (and any field given in `changes`).

@@ -61,8 +61,9 @@ def resample_to(moving: MedicalImage, fixed: MedicalImage) -> MedicalImage:
     support = sitk.GetArrayFromImage(resampler.Execute(to_sitk(moving, np.ones(moving.shape, np.float32))))
     if not support.any():
         raise InputError(
-            f"{moving.name} and {fixed.name} do not overlap in physical space; check that both come "
-            "from the same patient position and frame of reference (or pre-align them)"
+            f"{moving.name} and {fixed.name} do not overlap in physical space (different frames of "
+            "reference?); check that both show the same patient position, or pass --ignore-geometry to "
+            "centre the moving image on the fixed one (the network and --prealign then align them)"
         )
     resampler.SetInterpolator(sitk.sitkLinear)
     values = sitk.GetArrayFromImage(resampler.Execute(to_sitk(moving)))
