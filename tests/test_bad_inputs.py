@@ -34,8 +34,8 @@ from typer.testing import CliRunner, Result
 
 from bsafuse import weights
 from bsafuse.cli import app
-from bsafuse.io import read_image
 from bsafuse.config import ModelConfig
+from bsafuse.io import read_image
 
 MR_SMALL = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
 
