@@ -205,8 +205,10 @@ def fuse(
     fallback = tuple(int(i) for i in np.flatnonzero(dropped))
     if fallback:
         where = "" if not is_volume else f" in {len(fallback)} of {total} slices"
+        pair = f"{fixed.name}: " if isinstance(fixed, MedicalImage) and fixed.path is not None else ""
         log.warning(
-            "the network's registration made the pair less similar than %s%s; kept %s",
+            "%sthe network's registration made the pair less similar than %s%s; kept %s",
+            pair,
             "no registration" if kind == "none" else f"{kind} pre-alignment alone",
             where,
             "the unregistered pair" if kind == "none" else f"the {kind} pre-alignment",
