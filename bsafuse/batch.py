@@ -139,7 +139,7 @@ def pair_folders(
 
 
 def _check_writable(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
-    """An output path that can be written: a known suffix, not a folder, in an existing folder."""
+    """An output path that can be written: a known suffix, not a folder, a folder that allows it."""
     if path.is_dir():
         raise OutputError(
             f"{option} {path} is a folder; one pair writes one file: give a file name "
@@ -293,10 +293,7 @@ class Runner:
         with contextlib.closing(pipeline):  # an error below stops the I/O threads too
             for item in pipeline:
                 job = item.job
-                used = self._used.pop(job.index, None)
-                outcome = self._outcome(
-                    job.moving, job.fixed, job.outputs, item.error, item.seconds, used, job.index
-                )
+                outcome = self._outcome(job.moving, job.fixed, job.outputs, item.error, item.seconds, job.index)
                 outcomes[job.index] = outcome
                 done += 1
                 if self.progress is not None:
@@ -313,7 +310,7 @@ class Runner:
         except (BsafuseError, OSError) as exc:
             error = exc
         return self._outcome(
-            moving, fixed, outputs, error, time.perf_counter() - start, self._used.pop(-1, None), -1
+            moving, fixed, outputs, error, time.perf_counter() - start, job.index
         )
 
     def _read(self, job: _Job) -> _Loaded:
@@ -352,10 +349,10 @@ class Runner:
         outputs: _Outputs,
         error: BaseException | None,
         seconds: float,
-        used: str | None,
         index: int,
     ) -> PairOutcome:
-        fallback = self._fallback.pop(index, [])
+        """The outcome of job `index`, with what its computation recorded (weights, fallback)."""
+        used, fallback = self._used.pop(index, None), self._fallback.pop(index, [])
         if isinstance(error, (WeightsError, DeviceError)):
             raise error  # no other pair can escape these: stop the run
         if isinstance(error, OSError):  # a full disk or an unwritable folder stops this pair, not the run
