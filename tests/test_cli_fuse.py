@@ -275,3 +275,26 @@ def test_absent_device_is_one_line(tmp_path: Path, tiny_checkpoint: Path) -> Non
     result = run("fuse", CT / "20010.png", MRI / "20010.png", "-o", tmp_path / "f.png",
                  "--weights", tiny_checkpoint, "--device", "cuda")  # fmt: skip
     assert_one_line_error(result, "--device cuda", "--device cpu")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (("-o", "{tmp}/fused.jpg"), "-o {tmp}/fused.jpg: .jpg is not an output format"),
+        (("-o", "{tmp}/fused"), "-o {tmp}/fused: the name has no suffix"),
+        (("-o", "{tmp}"), "-o {tmp} is a folder; one pair writes one file"),
+        (("-o", "{tmp}/a.png", "--save-warped", "{tmp}/a.png"), "--save-warped {tmp}/a.png is also the -o output"),
+        (("-o", "{tmp}/a.png", "--save-flow", "{tmp}/f.txt"), "--save-flow {tmp}/f.txt: .txt is not an output format"),
+    ],
+)
+def test_output_names_are_refused_before_any_work(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...], needle: str
+) -> None:
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the network ran before the output names were checked")
+
+    monkeypatch.setattr("bsafuse.api.fuse", no_work)
+    args = [a.format(tmp=tmp_path) for a in extra]
+    result = run("fuse", CT / "20010.png", MRI / "20010.png", "--weights", tiny_checkpoint, "--device", "cpu", *args)
+    assert_one_line_error(result, needle.format(tmp=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
