@@ -10,8 +10,9 @@ Choices, measured on deformed Harvard CT/PET/SPECT-MRI pairs (see the tests for 
 - *Start.* The moments-centred start (CenteredTransformInitializer MOMENTS) rescues large offsets,
   but across modalities the centres of mass disagree (bright CT bone and scanner table, PET showing
   only the brain: a median 22 px off on *aligned* PET-MRI pairs), and the optimiser does not always
-  climb back. Both the moments-centred and the untouched start are therefore optimised at the
-  coarsest level, and the one with the better metric goes on.
+  climb back; nor does it find rotations of ten degrees from a start at zero. The moments-centred
+  and the untouched start, each at three angles, are therefore optimised at the coarsest level,
+  and the best three go on (`_rigid` gives the measurement).
 - *Affine from rigid.* Optimising all six affine parameters from the start let scale and shear run
   off across modalities; refining the rigid result with smaller steps halved the end-point error.
 - *Mask.* The metric samples the fixed image's foreground (> FOREGROUND, dilated), so that the
@@ -28,6 +29,7 @@ fixed image.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Literal, TypeVar
 
@@ -41,6 +43,8 @@ T = TypeVar("T", bound=sitk.Transform)
 KINDS: tuple[str, ...] = ("rigid", "affine", "bspline")
 HISTOGRAM_BINS = 32  # Mattes mutual information
 PYRAMID = ((4, 2.0), (2, 1.0), (1, 0.0))  # (shrink factor, smoothing sigma in pixels), coarse to fine
+START_ANGLE_DEG = 8.0  # rigid starts at 0 and +-this rotation (the optimiser misses larger turns)
+REFINED = 3  # rigid starts that go on to the finer pyramid levels
 MIN_LEVEL_SIZE = 32  # pixels: coarser pyramid levels are skipped for small images
 BSPLINE_MESH = 8  # control-mesh cells per side
 FOREGROUND = 0.05  # fixed-image intensity above which the metric samples
@@ -121,19 +125,30 @@ class _Setup:
 
 
 def _rigid(setup: _Setup, iterations: int) -> sitk.Euler2DTransform:
-    """Rigid (Euler): best of two starts at the coarsest level, then the rest of the pyramid."""
+    """Rigid (Euler): several starts at the coarsest level, the best few refined, the best kept.
+
+    Starts: the moments-centred and the untouched (image-centred) start, each at 0 and at
+    +-START_ANGLE_DEG. All are optimised at the coarsest level; the REFINED best of them go through
+    the rest of the pyramid and the lowest final metric wins (a coarse metric alone picked a wrong
+    start now and then). Measured on 8 deformed validation pairs each (default deformation, seed 0,
+    2026-12-02), mean end-point error, one start pair vs this: CT 7.65 -> 5.05 px, PET 4.76 ->
+    3.77 px, SPECT 3.89 -> 3.94 px, for about 1.7x the time.
+    """
     starts = []  # GEOMETRY on same-size images: the untouched start, centred on the image
     for mode in (
         sitk.CenteredTransformInitializerFilter.MOMENTS,
         sitk.CenteredTransformInitializerFilter.GEOMETRY,
     ):
-        starts.append(
-            sitk.CenteredTransformInitializer(setup.fixed, setup.moving, sitk.Euler2DTransform(), mode)
-        )
-    tried = [setup.optimise(start, setup.levels[:1], iterations) for start in starts]
-    best, _ = min(tried, key=lambda pair: pair[1])  # metric: lower is better
-    if len(setup.levels) > 1:
-        best, _ = setup.optimise(best, setup.levels[1:], iterations)
+        centred = sitk.CenteredTransformInitializer(setup.fixed, setup.moving, sitk.Euler2DTransform(), mode)
+        for degrees in (0.0, -START_ANGLE_DEG, START_ANGLE_DEG):
+            start = sitk.Euler2DTransform(centred)
+            start.SetAngle(math.radians(degrees))
+            starts.append(start)
+    coarse = sorted((setup.optimise(start, setup.levels[:1], iterations) for start in starts), key=lambda p: p[1])
+    if len(setup.levels) == 1:
+        return coarse[0][0]
+    refined = [setup.optimise(transform, setup.levels[1:], iterations) for transform, _ in coarse[:REFINED]]
+    best, _ = min(refined, key=lambda pair: pair[1])  # metric: lower is better
     return best
 
 
