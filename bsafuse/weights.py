@@ -71,10 +71,13 @@ REGISTRY: dict[str, Checkpoint] = {
         Checkpoint("ct-mri-v1", "bsafuse-ct-mri-v1.pt", "34caa3494cadcfb7aa99314c7bdbb943b74f6981d4d1ba15587ec85f04c0ab74"),
         Checkpoint("pet-mri-v1", "bsafuse-pet-mri-v1.pt", "1865a99f236e3d276d9dc3ab4e8ce197ed73e2583e7f37002b612dfd3b4b6012"),
         Checkpoint("spect-mri-v1", "bsafuse-spect-mri-v1.pt", "227424caf377c86226f6d60e3138cd2191d5433b1813a1d854a4c2fb9595fe3e"),
+        Checkpoint("ct-mri-v2", "bsafuse-ct-mri-v2.pt", "74a1642a0221d4a52cb333b10d89bf84d00d95a1598410adde02e6bb16e8e48c"),
+        Checkpoint("pet-mri-v2", "bsafuse-pet-mri-v2.pt", "f958a500dfdb273dbae91e5c866ee218dc2f3a7ba0fd357a6dc84d3c3f048f9d"),
+        Checkpoint("spect-mri-v2", "bsafuse-spect-mri-v2.pt", "d7309af06fde48ee48e2a570630977c1621086aab3c2e104aa7d4907bf46078b"),
     )
 }
 # The unversioned names stand for the newest release of each pair type (what `auto` picks).
-ALIASES: dict[str, str] = {"ct-mri": "ct-mri-v1", "pet-mri": "pet-mri-v1", "spect-mri": "spect-mri-v1"}
+ALIASES: dict[str, str] = {"ct-mri": "ct-mri-v2", "pet-mri": "pet-mri-v2", "spect-mri": "spect-mri-v2"}
 
 
 def canonical(name: str) -> str:

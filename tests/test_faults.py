@@ -45,9 +45,10 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def command(pairs: tuple[Path, Path], out: Path, ckpt: Path, *extra: str) -> list[str]:
+    """The folder run under test; no pre-alignment (SimpleITK at 1024 px is slow and not the point)."""
     moving, fixed = pairs
     return [sys.executable, "-m", "bsafuse", "fuse", str(moving), str(fixed), "-o", str(out),
-            "--weights", str(ckpt), "--device", "cpu", *extra]  # fmt: skip
+            "--weights", str(ckpt), "--device", "cpu", "--prealign", "none", *extra]  # fmt: skip
 
 
 def child_env() -> dict[str, str]:
@@ -117,7 +118,9 @@ def test_sigint_exits_130_with_a_summary_and_no_traceback(
     stdout, stderr = proc.communicate(timeout=WAIT)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and stdout == ""
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    # the tiny checkpoint's random flow trips the registration guard: its warnings are not the summary
+    guard = "the network's registration made the pair less similar"
+    lines = [line for line in stderr.splitlines() if line.strip() and not (line.startswith("warning: ") and guard in line)]
     assert len(lines) == 1 and lines[0].startswith("interrupted"), stderr
     assert "Run the same command again to finish" in lines[0]
     done = finished(out)

@@ -36,7 +36,7 @@ PAIRS = {  # pair type -> an example pair of that kind (all from validation case
     "spect-mri": EXAMPLES / "SPECT-MRI" / "{}" / "10014.png",
 }
 MOVING = {"ct-mri": "CT", "pet-mri": "PET", "spect-mri": "SPECT"}
-VERSIONS = ("v1",)
+VERSIONS = ("v1", "v2")
 # How each release ran when its golden outputs were recorded: v1 without pre-alignment or guard
 # (the pipeline of its release), later ones with the default pipeline.
 RUN_AS = {"v1": {"prealign": "none", "guard": False}}
