@@ -18,23 +18,12 @@ from numpy.typing import NDArray
 
 from bsafuse._version import __version__
 from bsafuse.io.dicom import pydicom_module
-from bsafuse.io.image import MedicalImage
+from bsafuse.io.image import STUDY_TAGS_TYPE2, MedicalImage
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MULTIFRAME_SC = {8: "1.2.840.10008.5.1.4.1.1.7.2", 16: "1.2.840.10008.5.1.4.1.1.7.3"}  # by bits allocated
-EMPTY_TAGS = (  # type 2: present, left empty unless the output joins its source's study
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-    "SeriesNumber",
-    "InstanceNumber",
-)
+# type 2: present, left empty unless the output joins its source's study
+EMPTY_TAGS = (*STUDY_TAGS_TYPE2, "SeriesNumber", "InstanceNumber")
 
 
 def _ds(value: float) -> Any:

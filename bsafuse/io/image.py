@@ -45,7 +45,8 @@ class NiftiLayout:
 
 
 # What a derived DICOM series copies from its source: the patient and general study modules.
-STUDY_TAGS = (
+# The type 2 ones must be present (empty when nothing is copied); StudyDescription is optional.
+STUDY_TAGS_TYPE2 = (
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -53,10 +54,10 @@ STUDY_TAGS = (
     "StudyDate",
     "StudyTime",
     "StudyID",
-    "StudyDescription",
     "AccessionNumber",
     "ReferringPhysicianName",
 )
+STUDY_TAGS = (*STUDY_TAGS_TYPE2, "StudyDescription")
 
 
 @dataclass(frozen=True, eq=False)
