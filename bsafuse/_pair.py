@@ -19,6 +19,7 @@ from torch import Tensor
 
 from bsafuse.errors import InputError
 from bsafuse.io import MedicalImage
+from bsafuse.io.resample import NoOverlapError
 
 ImageLike = MedicalImage | np.ndarray | Tensor
 MIN_SIDE = 2  # pixels: the smallest image side accepted
@@ -27,14 +28,16 @@ log = logging.getLogger(__name__)
 
 
 def pair_in_fixed_grid(
-    moving: ImageLike, fixed: ImageLike, *, ignore_geometry: bool = False
+    moving: ImageLike, fixed: ImageLike, *, ignore_geometry: bool = False, centre_if_apart: bool = False
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Check a pair and bring the moving pixels into the fixed image's grid.
 
     Returns moving pixels ((H, W), (H, W, 3) or (D, H, W)), fixed pixels ((H, W) or (D, H, W))
     and whether the pair is a volume pair. `ignore_geometry` disregards where the headers place
     the images (different frames of reference): the moving image keeps its spacing and direction
-    and is centred on the fixed image before the world-coordinate resampling.
+    and is centred on the fixed image before the world-coordinate resampling. `centre_if_apart`
+    (set where a pre-alignment follows) does the same, by centres of mass and with a warning,
+    only where the two images do not overlap in physical space at all.
     """
     if ignore_geometry and isinstance(moving, MedicalImage) and isinstance(fixed, MedicalImage):
         moving = moving.centred_on(fixed)
@@ -61,7 +64,16 @@ def pair_in_fixed_grid(
         raise InputError(f"{_name(moving, 'the moving image')}: colour volumes are not supported")
     spatial = moving_px.shape[:2] if moving_px.ndim == 3 and not moving_volume else moving_px.shape
     if fixed_volume or (spatial != fixed_px.shape and _has_geometry(moving) and _has_geometry(fixed)):
-        moving_px = _resample_world(moving, fixed)
+        try:
+            moving_px = _resample_world(moving, fixed)
+        except NoOverlapError:
+            if not (centre_if_apart and isinstance(moving, MedicalImage) and isinstance(fixed, MedicalImage)):
+                raise
+            log.warning(
+                "%s and %s do not overlap in physical space; the moving image is centred on the fixed one "
+                "by their centres of mass, and the pre-alignment starts from there", moving.name, fixed.name,
+            )  # fmt: skip
+            moving_px = _resample_world(moving.centred_on(fixed, by_mass=True), fixed)
     elif spatial != fixed_px.shape:
         moving_px = _resize(moving_px, fixed_px.shape, _name(moving, "the moving image"))
     return moving_px, fixed_px, fixed_volume

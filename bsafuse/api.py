@@ -183,10 +183,12 @@ def fuse(
     network `batch_size` at a time. See the module docstring.
     """
     start = time.perf_counter()
-    moving_px, fixed_px, is_volume = pair_in_fixed_grid(moving, fixed, ignore_geometry=ignore_geometry)
     kind = prealign or DEFAULT_PREALIGN
     if kind not in PREALIGN_KINDS:
         raise InputError(f"prealign must be one of {', '.join(PREALIGN_KINDS)}, got {kind!r}")
+    moving_px, fixed_px, is_volume = pair_in_fixed_grid(
+        moving, fixed, ignore_geometry=ignore_geometry, centre_if_apart=kind != "none"
+    )
     colour = moving_px.ndim == 3 and moving_px.shape[-1] == 3 and not is_volume
     fixed_s = fixed_px if is_volume else fixed_px[None]  # (D, H, W)
     moving_s = moving_px if is_volume else moving_px[None]  # (D, H, W) or (1, H, W, 3)

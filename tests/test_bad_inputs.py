@@ -274,7 +274,10 @@ def volumes_without_overlap(e: Env) -> Case:
     volume = np.stack([blob(16, s) for s in range(4)], axis=-1)
     moving = nifti(e.tmp / "far.nii.gz", volume, far)
     fixed = nifti(e.tmp / "here.nii.gz", volume)
-    return Case(e.fuse(moving, fixed, output=e.out / "fused.nii.gz"), "far.nii.gz", also=("--ignore-geometry",))
+    return Case(
+        e.fuse(moving, fixed, "--prealign", "none", output=e.out / "fused.nii.gz"), "far.nii.gz",
+        also=("--ignore-geometry",),
+    )  # fmt: skip
 
 
 def rgb_fixed(e: Env) -> Case:
@@ -502,3 +505,27 @@ def test_volumes_without_overlap_fuse_with_ignore_geometry(env: Env) -> None:
 
     moved, _, _ = pair_in_fixed_grid(read_image(moving), read_image(fixed), ignore_geometry=True)
     np.testing.assert_allclose(moved, read_image(fixed).pixels, atol=1e-5)  # same grid once centred
+
+
+def test_volumes_without_overlap_are_centred_by_mass_where_a_pre_alignment_follows(env: Env) -> None:
+    far = np.eye(4)
+    far[:3, 3] = 500.0
+    volume = np.stack([blob(16, s) for s in range(4)], axis=-1)
+    moving = nifti(env.tmp / "far.nii.gz", volume, far)
+    fixed = nifti(env.tmp / "here.nii.gz", volume)
+    result, _ = invoke(env.fuse(moving, fixed, output=env.out / "fused.nii.gz"))  # default: rigid
+    assert result.exit_code == 0, result.output
+    assert "do not overlap in physical space; the moving image is centred on the fixed one" in result.stderr
+
+
+def test_centre_of_mass_by_hand() -> None:
+    from bsafuse.io import MedicalImage
+
+    pixels = np.zeros((2, 4), np.float32)
+    pixels[1, 3] = 1.0  # all the mass at row 1, column 3
+    image = MedicalImage(pixels=pixels, spacing=(2.0, 3.0, 1.0), origin=(10.0, 20.0, 0.0))
+    np.testing.assert_allclose(image.centre_of_mass(), [10.0 + 3 * 2.0, 20.0 + 1 * 3.0, 0.0])
+    np.testing.assert_allclose(image.centre(), [10.0 + 1.5 * 2.0, 20.0 + 0.5 * 3.0, 0.0])
+    other = MedicalImage(pixels=np.ones((2, 4), np.float32))  # centre of mass (1.5, 0.5, 0)
+    moved = image.centred_on(other, by_mass=True)
+    np.testing.assert_allclose(moved.centre_of_mass(), other.centre_of_mass())

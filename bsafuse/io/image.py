@@ -172,9 +172,24 @@ class MedicalImage:
         middle = np.array([(width - 1) / 2, (height - 1) / 2, (depth - 1) / 2, 1.0])
         return (self.index_to_world() @ middle)[:3]
 
-    def centred_on(self, other: MedicalImage) -> MedicalImage:
-        """This image moved (origin only: spacing and direction kept) so its centre is `other`'s."""
-        x, y, z = (float(v) for v in np.asarray(self.origin) + other.centre() - self.centre())
+    def centre_of_mass(self) -> NDArray[np.float64]:
+        """The LPS position (mm) of the intensity-weighted centre of the pixels (grid centre if blank)."""
+        grey = self.pixels.mean(axis=-1) if self.is_colour else self.pixels
+        volume = grey if self.is_volume else grey[None]
+        total = float(volume.sum())
+        if total <= 0:
+            return self.centre()
+        z, y, x = (float((volume.sum(axis=tuple(a for a in range(3) if a != k)) * np.arange(n)).sum() / total)
+                   for k, n in enumerate(volume.shape))  # fmt: skip
+        return (self.index_to_world() @ np.array([x, y, z, 1.0]))[:3]
+
+    def centred_on(self, other: MedicalImage, *, by_mass: bool = False) -> MedicalImage:
+        """This image moved (origin only: spacing and direction kept) so its centre is `other`'s.
+
+        `by_mass` matches the intensity-weighted centres instead of the grid centres.
+        """
+        shift = other.centre_of_mass() - self.centre_of_mass() if by_mass else other.centre() - self.centre()
+        x, y, z = (float(v) for v in np.asarray(self.origin) + shift)
         return replace(self, origin=(x, y, z))
 
     def with_pixels(self, pixels: ArrayLike, **changes: Any) -> MedicalImage:

@@ -41,6 +41,10 @@ def to_sitk(image: MedicalImage, array: NDArray[Any] | None = None) -> Any:
     return out
 
 
+class NoOverlapError(InputError):
+    """The moving image lies entirely outside the fixed image's physical grid."""
+
+
 def resample_to(moving: MedicalImage, fixed: MedicalImage) -> MedicalImage:
     """`moving` sampled on `fixed`'s grid: fixed's shape and geometry, moving's other metadata.
 
@@ -60,7 +64,7 @@ def resample_to(moving: MedicalImage, fixed: MedicalImage) -> MedicalImage:
     resampler.SetInterpolator(sitk.sitkNearestNeighbor)
     support = sitk.GetArrayFromImage(resampler.Execute(to_sitk(moving, np.ones(moving.shape, np.float32))))
     if not support.any():
-        raise InputError(
+        raise NoOverlapError(
             f"{moving.name} and {fixed.name} do not overlap in physical space (different frames of "
             "reference?); check that both show the same patient position, or pass --ignore-geometry to "
             "centre the moving image on the fixed one (the network and --prealign then align them)"
