@@ -6,9 +6,14 @@ not load torch.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from bsafuse._version import __version__
+
+# The library logs (warnings such as the registration guard's) and never prints: without a
+# handler of the application's, nothing reaches stderr (logging's last-resort handler stays out).
+logging.getLogger("bsafuse").addHandler(logging.NullHandler())
 
 __all__ = ["BSAFusion", "FuseResult", "__version__", "fuse", "fuse_files", "load_model"]
 

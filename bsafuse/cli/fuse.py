@@ -224,7 +224,7 @@ class _WarningLines(logging.Handler):
 def _log_to_stderr() -> None:
     """Library warnings (e.g. the network's flow dropped for a pair) as Rich lines on stderr."""
     logger = logging.getLogger("bsafuse")
-    if not logger.handlers:
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):  # bsafuse/__init__ adds a NullHandler
         logger.addHandler(_WarningLines(level=logging.WARNING))
         logger.setLevel(logging.WARNING)
 
