@@ -268,12 +268,16 @@ def dicom_header_damaged(e: Env) -> Case:
     return Case(e.fuse(e.tmp / "damaged.dcm", e.mri), "damaged.dcm")
 
 
-def volumes_without_overlap(e: Env) -> Case:
+def volumes_apart(folder: Path) -> tuple[Path, Path]:
+    """(moving, fixed): the same small volume twice, the moving one half a metre away."""
     far = np.eye(4)
-    far[:3, 3] = 500.0  # half a metre away
+    far[:3, 3] = 500.0
     volume = np.stack([blob(16, s) for s in range(4)], axis=-1)
-    moving = nifti(e.tmp / "far.nii.gz", volume, far)
-    fixed = nifti(e.tmp / "here.nii.gz", volume)
+    return nifti(folder / "far.nii.gz", volume, far), nifti(folder / "here.nii.gz", volume)
+
+
+def volumes_without_overlap(e: Env) -> Case:
+    moving, fixed = volumes_apart(e.tmp)
     return Case(
         e.fuse(moving, fixed, "--prealign", "none", output=e.out / "fused.nii.gz"), "far.nii.gz",
         also=("--ignore-geometry",),
@@ -491,11 +495,7 @@ def test_failed_main_write_leaves_no_side_outputs(env: Env) -> None:
 
 def test_volumes_without_overlap_fuse_with_ignore_geometry(env: Env) -> None:
     """Two frames of reference half a metre apart: --ignore-geometry centres one on the other."""
-    far = np.eye(4)
-    far[:3, 3] = 500.0
-    volume = np.stack([blob(16, s) for s in range(4)], axis=-1)
-    moving = nifti(env.tmp / "far.nii.gz", volume, far)
-    fixed = nifti(env.tmp / "here.nii.gz", volume)
+    moving, fixed = volumes_apart(env.tmp)
     out = env.out / "fused.nii.gz"
     result, _ = invoke(env.fuse(moving, fixed, "--ignore-geometry", "--prealign", "none", output=out))
     assert result.exit_code == 0, result.output
@@ -508,11 +508,7 @@ def test_volumes_without_overlap_fuse_with_ignore_geometry(env: Env) -> None:
 
 
 def test_volumes_without_overlap_are_centred_by_mass_where_a_pre_alignment_follows(env: Env) -> None:
-    far = np.eye(4)
-    far[:3, 3] = 500.0
-    volume = np.stack([blob(16, s) for s in range(4)], axis=-1)
-    moving = nifti(env.tmp / "far.nii.gz", volume, far)
-    fixed = nifti(env.tmp / "here.nii.gz", volume)
+    moving, fixed = volumes_apart(env.tmp)
     result, _ = invoke(env.fuse(moving, fixed, output=env.out / "fused.nii.gz"))  # default: rigid
     assert result.exit_code == 0, result.output
     assert "do not overlap in physical space; the moving image is centred on the fixed one" in result.stderr
