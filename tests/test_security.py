@@ -79,6 +79,12 @@ def patient_dicom(path: Path, modality: str, *, shift: float = 0.0, series: str 
     return path
 
 
+def patient_pair(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(moving CT, fixed MR, output folder): one study, both slices carrying the planted tags."""
+    ct = patient_dicom(tmp_path / "in" / "ct.dcm", "CT", shift=3)
+    return ct, patient_dicom(tmp_path / "in" / "mr.dcm", "MR"), tmp_path / "out"
+
+
 def run_cli(args: list[object], caplog: pytest.LogCaptureFixture) -> tuple[Result, str]:
     """Run bsafuse in-process; return the result and everything else it said (logs, warnings)."""
     caplog.set_level(logging.DEBUG)  # every logger, pydicom's included
@@ -119,9 +125,7 @@ def test_planted_tags_are_really_in_the_inputs(tmp_path: Path) -> None:
 def test_successful_run_leaks_no_patient_tags(
     tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ct = patient_dicom(tmp_path / "in" / "ct.dcm", "CT", shift=3)
-    mr = patient_dicom(tmp_path / "in" / "mr.dcm", "MR")
-    out = tmp_path / "out"
+    ct, mr, out = patient_pair(tmp_path)
     result, said = run_cli(fuse_args(ct, mr, out / "fused.dcm", tiny_checkpoint, "--json",
                                      "--report", out / "report.png", "--save-warped", out / "warped.dcm",
                                      "--save-flow", out / "flow.nii.gz"), caplog)  # fmt: skip
@@ -147,9 +151,7 @@ def test_successful_run_leaks_no_patient_tags(
 def test_anonymized_run_leaks_no_patient_tags_anywhere(
     tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ct = patient_dicom(tmp_path / "in" / "ct.dcm", "CT", shift=3)
-    mr = patient_dicom(tmp_path / "in" / "mr.dcm", "MR")
-    out = tmp_path / "out"
+    ct, mr, out = patient_pair(tmp_path)
     result, said = run_cli(fuse_args(ct, mr, out / "fused.dcm", tiny_checkpoint, "--json", "--anonymize",
                                      "--save-warped", out / "warped.dcm"), caplog)  # fmt: skip
     assert result.exit_code == 0, result.output
