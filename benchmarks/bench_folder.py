@@ -5,7 +5,7 @@ checkpoint in a temporary folder, then measures pairs/s of
 
 - the network alone (tensors in, tensors out) at batch 1 and at batch 8;
 - a sequential loop: read a pair, fuse it (bsafuse.api.fuse), write it, next pair;
-- `bsafuse.api.fuse_files` on the folders (what `bsafuse fuse IN_DIR FIXED_DIR -o OUT` runs): the
+- `bsafuse.batch.fuse_files` on the folders (what `bsafuse fuse IN_DIR FIXED_DIR -o OUT` runs): the
   next pairs are read and the finished ones written while the network computes.
 
 and the resident memory after every 8 pairs of the streaming run (it should stay flat).
@@ -107,7 +107,7 @@ def sequential_row(root: Path, model: Any, *, report: bool) -> dict[str, Any]:
 
 
 def streaming_row(root: Path, model: Any, *, report: bool) -> dict[str, Any]:
-    from bsafuse.api import fuse_files
+    from bsafuse.batch import fuse_files
 
     rss: list[float] = []
 

@@ -18,17 +18,25 @@ logging.getLogger("bsafuse").addHandler(logging.NullHandler())
 __all__ = ["BSAFusion", "FuseResult", "__version__", "fuse", "fuse_files", "load_model"]
 
 if TYPE_CHECKING:
-    from bsafuse.api import FuseResult, fuse, fuse_files, load_model
+    from bsafuse.api import fuse
+    from bsafuse.batch import fuse_files
+    from bsafuse.loading import load_model
     from bsafuse.model import BSAFusion
+    from bsafuse.results import FuseResult
+
+_HOMES = {
+    "BSAFusion": "bsafuse.model",
+    "FuseResult": "bsafuse.results",
+    "fuse": "bsafuse.api",
+    "fuse_files": "bsafuse.batch",
+    "load_model": "bsafuse.loading",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "BSAFusion":
-        from bsafuse.model import BSAFusion
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'bsafuse' has no attribute {name!r}")
+    import importlib
 
-        return BSAFusion
-    if name in ("fuse", "fuse_files", "load_model", "FuseResult"):
-        from bsafuse import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'bsafuse' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

@@ -9,6 +9,9 @@ result = fuse(moving, fixed, model)              # FuseResult: numpy arrays in f
 write_image("fused.png", result.fused, like=fixed)
 ```
 
+Files and folders (reading, pairing, writing outputs, torchrun) are `bsafuse.batch.fuse_files`,
+one layer up; this module works on arrays and MedicalImages only.
+
 How a pair is handled (SPEC 1 and 5):
 
 - *Grids.* Everything happens in the fixed image's pixel grid. A moving image of another size is
@@ -38,122 +41,30 @@ The library never prints; progress goes to an optional callback, messages to `lo
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from bsafuse import weights as weights_mod
 from bsafuse._pair import ImageLike, pair_in_fixed_grid
-from bsafuse.device import Precision, autocast_for, pick_device
-from bsafuse.errors import InputError, WeightsError
-from bsafuse.io import MedicalImage, read_image
+from bsafuse.choices import DEFAULT_PREALIGN, PREALIGN_KINDS, Prealign, Precision
+from bsafuse.device import autocast_for
+from bsafuse.errors import InputError
+from bsafuse.io import MedicalImage
+from bsafuse.loading import load_model
+from bsafuse.results import FuseResult
 from bsafuse.warp import compose_flows, warp
 from bsafuse.working_size import keep_fixed_outside, placement, split_luma
 
 if TYPE_CHECKING:
-    from bsafuse.batch import FuseReport
     from bsafuse.model import BSAFusion
 
 log = logging.getLogger(__name__)
 
-Prealign = Literal["none", "rigid", "affine"]
 Progress = Callable[[int, int, str], None]  # (done, total, what) after each step
-PREALIGN_KINDS = ("none", "rigid", "affine")
-DEFAULT_PREALIGN: Prealign = "rigid"  # the v2 networks are trained on what rigid pre-alignment leaves
-
-
-@dataclass(frozen=True)
-class FuseResult:
-    """One fused (or registered) pair, as float32 numpy arrays in the fixed image's pixel grid.
-
-    `fused` and `warped` are (H, W) for a grey pair, (H, W, 3) RGB for a colour moving image,
-    (D, H, W) for volumes. `flow` is the total displacement in pixels, (2, H, W) or (D, 2, H, W),
-    channel 0 = x: warp(moving_resampled, flow) == warped. `valid` (same grid, no channels) is the
-    share of real moving data behind each pixel. `moving_resampled` is the moving image in the fixed
-    grid before registration and `fixed` the fixed pixels, both kept for reports and checks.
-    """
-
-    fused: np.ndarray
-    warped: np.ndarray
-    flow: np.ndarray
-    valid: np.ndarray
-    moving_resampled: np.ndarray
-    fixed: np.ndarray
-    prealign: str
-    seconds: float
-    # Slices where the network's flow made the pair less similar (normalised mutual information)
-    # than the pre-alignment alone, and was dropped: the pre-alignment is kept there (SPEC 5).
-    fallback_slices: tuple[int, ...] = ()
-
-    @property
-    def is_volume(self) -> bool:
-        return self.flow.ndim == 4
-
-    @property
-    def is_colour(self) -> bool:
-        return self.fused.ndim == 3 and not self.is_volume
-
-
-# ----------------------------------------------------------------------------------------- model
-
-
-def choose_weights(
-    weights: str | os.PathLike[str], moving: ImageLike | str | os.PathLike[str] | None = None
-) -> str:
-    """The registry name or path that `weights` stands for; "auto" looks at the moving image."""
-    text = os.fspath(weights)
-    if text != "auto":
-        return weights_mod.canonical(text)
-    if moving is None:
-        name = weights_mod.auto_name(is_colour=False)
-    elif isinstance(moving, MedicalImage | str | os.PathLike):
-        image = moving if isinstance(moving, MedicalImage) else read_image(moving)
-        name = weights_mod.auto_name(is_colour=image.is_colour, modality=image.modality)
-    else:
-        array = np.asarray(moving)
-        name = weights_mod.auto_name(is_colour=array.ndim == 3 and array.shape[-1] == 3)
-    return weights_mod.canonical(name)  # the release it stands for, e.g. ct-mri-v2
-
-
-def resolve_choice(weights: str | os.PathLike[str], choice: str, *, chosen_for: str) -> Path:
-    """The file of `choice` (what `weights` stood for); an "auto" choice says so when it fails."""
-    try:
-        return weights_mod.resolve(choice)
-    except WeightsError as exc:
-        if os.fspath(weights) == "auto":
-            raise WeightsError(f"--weights auto chose {choice!r} for {chosen_for}, but {exc}") from None
-        raise
-
-
-def load_model(
-    weights: str | os.PathLike[str] = "auto",
-    device: str | torch.device = "auto",
-    moving: ImageLike | str | os.PathLike[str] | None = None,
-) -> BSAFusion:
-    """A BSAFusion model on `device`, in eval mode, from a registry name, a path or "auto".
-
-    "auto" picks the registered weights that fit the moving image (grey -> ct-mri, colour -> pet-mri,
-    DICOM Modality NM -> spect-mri; ct-mri when no moving image is given). A registered file is
-    sha256-verified; every file is read with weights_only=True.
-    """
-    choice = choose_weights(weights, moving)
-    path = resolve_choice(weights, choice, chosen_for="this moving image")
-    target = pick_device(device)
-    model = weights_mod.load_checkpoint(path).to(target).eval()
-    model.bsafuse_weights = choice  # type: ignore[assignment]  # what the CLI reports as "weights used"
-    return model
-
-
-def model_config(model: torch.nn.Module) -> Any:
-    """The ModelConfig a BSAFusion model was built from."""
-    return weights_mod._config_of(model)
 
 
 # ------------------------------------------------------------------------------------- fuse one
@@ -254,7 +165,7 @@ def _fuse_slices(
     fused_t, net_flow = _network(model, mov_in, fix, precision)
     flow = compose_flows(base, net_flow) if pre is not None else net_flow  # total, pixels
     # The network must never leave a pair less similar than the pre-alignment did (SPEC 5).
-    dropped = _network_worse(mov, fix, flow, base) if guard else torch.zeros(len(mov), dtype=torch.bool)
+    dropped = _network_worse(mov, mov_in, fix, flow) if guard else torch.zeros(len(mov), dtype=torch.bool)
     if dropped.any():
         with identity_registration(model):
             fused_base, _ = _network(model, mov_in[dropped], fix[dropped], precision)
@@ -279,11 +190,11 @@ def _fuse_slices(
     )
 
 
-def _network_worse(moving: Tensor, fixed: Tensor, flow: Tensor, base: Tensor) -> Tensor:
-    """(N,) bool: slices whose pair is less similar warped by `flow` than by `base` (NMI)."""
+def _network_worse(moving: Tensor, prealigned: Tensor, fixed: Tensor, flow: Tensor) -> Tensor:
+    """(N,) bool: slices whose pair is less similar warped by `flow` than `prealigned` is (NMI)."""
     from bsafuse.metrics import normalised_mutual_information as nmi
 
-    with_net, with_base = _np(warp(moving, flow))[:, 0], _np(warp(moving, base))[:, 0]
+    with_net, with_base = _np(warp(moving, flow))[:, 0], _np(prealigned)[:, 0]
     fix = _np(fixed)[:, 0]
     worse = [nmi(a, f) < nmi(b, f) for a, b, f in zip(with_net, with_base, fix, strict=True)]
     return torch.tensor(worse, dtype=torch.bool, device=moving.device)
@@ -295,7 +206,7 @@ def _network(model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precisi
     Shapes: (N, 1, H, W) each -> fused (N, 1, H, W), flow (N, 2, H, W) in output pixels.
     """
     height, width = moving.shape[-2:]
-    place = placement(height, width, int(model_config(model).image_size))
+    place = placement(height, width, model.config.image_size)
     with torch.inference_mode(), autocast_for(moving.device, precision):
         out = model(place.to_working(moving), place.to_working(fixed))
     return place.image_back(out.fused.float()).clamp(0, 1), place.flow_back(out.flow)
@@ -327,71 +238,4 @@ def _np(x: Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
 
-# ---------------------------------------------------------------------------------- many files
-
-
-def fuse_files(
-    moving: str | os.PathLike[str],
-    fixed: str | os.PathLike[str],
-    output: str | os.PathLike[str],
-    *,
-    weights: str | os.PathLike[str] = "auto",
-    model: BSAFusion | None = None,
-    device: str | torch.device = "auto",
-    precision: Precision = "fp32",
-    prealign: Prealign | None = None,
-    mode: Literal["fuse", "register"] = "fuse",
-    pattern: str = "*",
-    overwrite: bool = False,
-    save_flow: str | os.PathLike[str] | None = None,
-    save_warped: str | os.PathLike[str] | None = None,
-    report: str | os.PathLike[str] | None = None,
-    read_options: dict[str, Any] | None = None,
-    batch_size: int = 8,
-    progress: Progress | None = None,
-    anonymize: bool = False,
-    ignore_geometry: bool = False,
-) -> FuseReport:
-    """Fuse files (or register them, with mode="register") and write the outputs.
-
-    Two files (or two DICOM series folders with an output file name) make one pair. Two folders
-    with an output folder pair their files by stem (`pattern` filters them): finished pairs are
-    skipped unless `overwrite`, a bad pair is recorded and the rest still run. A DICOM output is a
-    derived series of the fixed image's study (same study and frame of reference, its patient tags),
-    or, with `anonymize`, of a new study with empty patient tags. `save_flow`,
-    `save_warped` and `report` are files for one pair and folders for folder runs. Every write is
-    atomic and no input is ever overwritten. Returns a FuseReport; failures are in it, not raised
-    (except for problems that stop the whole run, such as missing weights).
-    """
-    from bsafuse.batch import Runner
-
-    runner = Runner(
-        weights=weights,
-        model=model,
-        device=device,
-        precision=precision,
-        prealign=prealign,
-        mode=mode,
-        read_options=read_options or {},
-        batch_size=batch_size,
-        progress=progress,
-        anonymize=anonymize,
-        ignore_geometry=ignore_geometry,
-    )
-    return runner.run(
-        Path(moving),
-        Path(fixed),
-        Path(output),
-        pattern=pattern,
-        overwrite=overwrite,
-        save_flow=_opt_path(save_flow),
-        save_warped=_opt_path(save_warped),
-        report=_opt_path(report),
-    )
-
-
-def _opt_path(value: str | os.PathLike[str] | None) -> Path | None:
-    return None if value is None else Path(value)
-
-
-__all__: Sequence[str] = ["FuseResult", "choose_weights", "fuse", "fuse_files", "load_model"]
+__all__: Sequence[str] = ["FuseResult", "fuse", "load_model"]

@@ -38,12 +38,13 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from bsafuse.deform import DeformParams, augment_pair, random_deformation
 from bsafuse.errors import InputError
+from bsafuse.io import SUPPORTED
+from bsafuse.pairing import images_by_stem
 from bsafuse.working_size import split_luma, to_working
 
 log = logging.getLogger(__name__)
 
 FIXED_FOLDER = "MRI"
-IMAGE_SUFFIXES = (".png", ".dcm", ".nii", ".nii.gz")
 REFERENCE_SIZE = 256  # px: the size deformation amplitudes (DeformParams) are given for
 _CASE_SLICE = re.compile(r"(\d+)(\d{3})(?!\d)")
 _TRAIN_STREAM, _VAL_STREAM, _SPLIT_STREAM = 0, 1, 2
@@ -53,15 +54,6 @@ def case_of(name: str) -> str:
     """The case of an image name: '16003' -> '16', '2004' -> '2'; other names are their own case."""
     match = _CASE_SLICE.match(name)
     return str(int(match.group(1))) if match else name
-
-
-def _stem(path: Path) -> str:
-    return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
-
-
-def _images_in(folder: Path) -> dict[str, Path]:
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    return {_stem(p): p for p in files if p.name.lower().endswith(IMAGE_SUFFIXES)}
 
 
 def find_pair_folder(data_dir: Path, pair: str | None = None) -> tuple[Path, Path]:
@@ -99,7 +91,7 @@ def find_pair_folder(data_dir: Path, pair: str | None = None) -> tuple[Path, Pat
 
 def list_pairs(moving_dir: Path, fixed_dir: Path) -> list[str]:
     """Names present in both folders, sorted; names in only one folder are skipped with a warning."""
-    moving, fixed = _images_in(moving_dir), _images_in(fixed_dir)
+    moving, fixed = images_by_stem(moving_dir), images_by_stem(fixed_dir)
     names = sorted(set(moving) & set(fixed))
     lonely = sorted(set(moving) ^ set(fixed))
     if lonely:
@@ -107,7 +99,7 @@ def list_pairs(moving_dir: Path, fixed_dir: Path) -> list[str]:
     if not names:
         raise InputError(
             f"{moving_dir} and {fixed_dir} have no image names in common; a pair is the same file name "
-            f"in both folders ({', '.join(IMAGE_SUFFIXES)})"
+            f"in both folders ({', '.join(SUPPORTED)})"
         )
     return names
 
@@ -180,7 +172,7 @@ def load_pairs(moving_dir: Path, fixed_dir: Path, names: Sequence[str], *, image
     """Read every pair once, as grey (Y) float32 at image_size x image_size."""
     from bsafuse.io import read_image
 
-    moving_files, fixed_files = _images_in(moving_dir), _images_in(fixed_dir)
+    moving_files, fixed_files = images_by_stem(moving_dir), images_by_stem(fixed_dir)
     movings, fixeds = [], []
     for name in names:
         m_img, f_img = read_image(moving_files[name]), read_image(fixed_files[name])

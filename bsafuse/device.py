@@ -7,13 +7,13 @@ back silently to another device.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import torch
 
+from bsafuse.choices import Precision
 from bsafuse.errors import DeviceError
 
-Precision = Literal["fp32", "bf16"]
+__all__ = ["Precision", "autocast_for", "pick_device"]
 
 
 def pick_device(requested: str | torch.device = "auto") -> torch.device:

@@ -18,7 +18,7 @@ from bsafuse.errors import BsafuseError
 from bsafuse.io.atomic import atomic_path
 
 if TYPE_CHECKING:
-    from bsafuse.api import FuseResult
+    from bsafuse.results import FuseResult
 
 CHECKER_TILES = 8  # squares along the longer side of a checkerboard
 GRID_LINES = 16  # lines along the longer side of the deformation grid

@@ -47,8 +47,6 @@ SHIPPED_DIRS = (
     _PACKAGE / "_weights",  # inside an installed wheel (pyproject force-includes weights/ there)
     *([_REPO / "weights"] if (_REPO / "pyproject.toml").is_file() else []),  # editable install
 )
-# Names kept for the weights the project trains; they are in REGISTRY once files are released.
-RESERVED = ("ct-mri", "pet-mri", "spect-mri")
 HOW_TO_PASS = (
     "pass a checkpoint of your own with --weights path/to/best.pt (for example from `bsafuse train`)"
 )
@@ -99,16 +97,16 @@ def download_dir() -> Path:
     return search_dirs()[0]
 
 
-MODALITY_WEIGHTS = {"CT": "ct-mri", "PT": "pet-mri", "NM": "spect-mri"}  # DICOM Modality -> weights
+# DICOM Modality (CT, PT = PET, NM = nuclear medicine, i.e. SPECT) or data folder name -> weights
+MODALITY_WEIGHTS = {"CT": "ct-mri", "PT": "pet-mri", "PET": "pet-mri", "NM": "spect-mri", "SPECT": "spect-mri"}
 
 
 def auto_name(*, is_colour: bool, modality: str | None = None) -> str:
     """The registry name `--weights auto` picks for a moving image (SPEC 6).
 
-    The DICOM Modality first, for grey and colour images alike: CT -> ct-mri, PT (PET) ->
-    pet-mri, NM (nuclear medicine, i.e. SPECT) -> spect-mri. Without one (PNG, NIfTI, other
-    modalities): grey -> ct-mri, colour -> pet-mri (a colour PNG does not say whether it is PET
-    or SPECT).
+    The modality first (MODALITY_WEIGHTS: the DICOM Modality CT, PT or NM, or a data folder's
+    name), for grey and colour images alike. Without one (PNG, NIfTI, other modalities):
+    grey -> ct-mri, colour -> pet-mri (a colour PNG does not say whether it is PET or SPECT).
     """
     by_modality = MODALITY_WEIGHTS.get((modality or "").upper())
     if by_modality is not None:
@@ -161,8 +159,6 @@ def resolve(weights: str | os.PathLike[str]) -> Path:
                 f"copy the file into one of them or point {ENV_DIR} at its folder"
             )
         return download(ckpt, download_dir())
-    if text in RESERVED:
-        raise WeightsError(f"no released {text!r} weights exist yet in bsafuse {__version__}; {HOW_TO_PASS}")
     path = Path(text).expanduser()
     if path.is_file():
         return path  # the user's own checkpoint: used as given, not hashed
@@ -170,7 +166,7 @@ def resolve(weights: str | os.PathLike[str]) -> Path:
         raise WeightsError(
             f"--weights {text!r} is a folder; give the checkpoint file inside it (e.g. best.pt)"
         )
-    known = ", ".join([*REGISTRY, *(n for n in RESERVED if n not in REGISTRY)])
+    known = ", ".join([*ALIASES, *REGISTRY])
     raise WeightsError(
         f"--weights {text!r} is neither an existing file nor a known name ({known}); {HOW_TO_PASS}"
     )
@@ -210,19 +206,14 @@ class Found:
     filename: str
     path: Path | None
     verified: bool | None  # None: no file to check
-    released: bool
 
 
 def inventory() -> Iterator[Found]:
-    """Every registered (and reserved) name with the first file found for it, verified."""
-    for name in dict.fromkeys([*REGISTRY, *(n for n in RESERVED if canonical(n) == n)]):
-        ckpt = REGISTRY.get(name)
-        if ckpt is None:
-            yield Found(name, "-", None, None, released=False)
-            continue
+    """Every registered name with the first file found for it, verified."""
+    for name, ckpt in REGISTRY.items():
         path = next((d / ckpt.filename for d in search_dirs() if (d / ckpt.filename).is_file()), None)
         ok = None if path is None else sha256_of(path) == ckpt.sha256.lower()
-        yield Found(name, ckpt.filename, path, ok, released=True)
+        yield Found(name, ckpt.filename, path, ok)
 
 
 def save_checkpoint(
@@ -243,7 +234,7 @@ def save_checkpoint(
     }
     payload = {
         "format": FORMAT,
-        "config": _config_of(model).to_dict(),
+        "config": config_of(model).to_dict(),
         "state_dict": state,
         "bsafuse_version": __version__,
         **extras,
@@ -329,7 +320,21 @@ def load_checkpoint(
         raise WeightsError(f"{where} cannot be loaded: {exc}") from None
 
 
-def _config_of(model: Any) -> Any:
+def export_checkpoint(
+    source: str | os.PathLike[str], output: str | os.PathLike[str], *, half: bool = False
+) -> str:
+    """Write a checkpoint for sharing (config, weights, epoch and metrics; no optimiser or training
+    state), fp16 weights with `half`; returns its sha256, the value to register beside it."""
+    source, output = Path(source), Path(output)
+    if output.resolve() == source.resolve():
+        raise WeightsError(f"{output} is the input checkpoint; write the export to another file")
+    data = read_checkpoint(source)
+    kept = {k: data[k] for k in ("epoch", "metrics") if k in data}
+    save_checkpoint(output, load_checkpoint(data), half=half, **kept)
+    return sha256_of(output)
+
+
+def config_of(model: Any) -> Any:
     """The ModelConfig a model was built from."""
     for attr in ("config", "cfg"):
         config = getattr(model, attr, None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -15,6 +17,7 @@ from bsafuse.api import FuseResult, fuse, load_model
 from bsafuse.config import ModelConfig
 from bsafuse.errors import InputError, WeightsError
 from bsafuse.io.color import rgb_to_ycbcr
+from bsafuse.loading import Provenance
 from bsafuse.warp import warp
 
 
@@ -222,10 +225,24 @@ def test_library_never_prints(
     assert captured.out == "" and captured.err == ""
 
 
-def test_load_model(tiny_checkpoint: object) -> None:
-    model = load_model(tiny_checkpoint, device="cpu")  # type: ignore[arg-type]
+def test_load_model(tiny_checkpoint: Path) -> None:
+    model = load_model(tiny_checkpoint, device="cpu")
     assert not model.training and next(model.parameters()).device.type == "cpu"
     assert torch.is_inference_mode_enabled() is False
+    digest = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert model.provenance == Provenance(None, tiny_checkpoint, digest)  # a file of one's own: no name
+    assert model.provenance.label == str(tiny_checkpoint)
+
+
+def test_load_model_records_the_shipped_name_auto_chose() -> None:
+    from bsafuse import weights
+
+    colour = np.stack([phantom()] * 3, axis=-1)
+    model = load_model("auto", device="cpu", moving=colour)  # colour without a DICOM Modality: PET
+    provenance = model.provenance
+    assert provenance is not None and provenance.name == weights.canonical("pet-mri") == "pet-mri-v2"
+    assert provenance.path is not None and provenance.sha256 == weights.REGISTRY["pet-mri-v2"].sha256
+    assert load_model("auto", device="cpu", modality="NM").provenance.name == "spect-mri-v2"  # type: ignore[union-attr]
 
 
 def test_auto_weights_without_a_release_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:

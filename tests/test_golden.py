@@ -22,7 +22,8 @@ import pytest
 from typer.testing import CliRunner
 
 from bsafuse import weights
-from bsafuse.api import choose_weights, fuse, load_model
+from bsafuse.api import fuse, load_model
+from bsafuse.loading import choose
 from bsafuse.cli import app
 from bsafuse.io import read_image
 
@@ -62,7 +63,7 @@ def test_shipped_checkpoint_is_registered_shipped_and_intact(name: str) -> None:
 def test_auto_picks_the_checkpoint_for_the_moving_modality(name: str) -> None:
     moving = read_image(str(PAIRS[name]).format(MOVING[name]))
     expected = "pet-mri" if name == "spect-mri" else name  # a PNG carries no DICOM Modality: colour -> pet-mri
-    assert choose_weights("auto", moving) == weights.canonical(expected) == f"{expected}-{VERSIONS[-1]}"
+    assert choose("auto", moving) == weights.canonical(expected) == f"{expected}-{VERSIONS[-1]}"
 
 
 @pytest.mark.parametrize("name", list(PAIRS))

@@ -86,11 +86,12 @@ def test_unknown_name_and_missing_file(isolated: dict[str, Path], tmp_path: Path
         weights.resolve(tmp_path)
 
 
-def test_reserved_name_without_release_says_how_to_pass_a_checkpoint(isolated: dict[str, Path]) -> None:
-    with pytest.raises(
-        WeightsError, match=r"no released 'pet-mri' weights exist yet.*--weights path/to/best\.pt"
-    ):
-        weights.resolve("pet-mri")
+def test_unknown_name_lists_the_shipped_names_and_how_to_pass_a_checkpoint() -> None:
+    with pytest.raises(WeightsError) as caught:
+        weights.resolve("mri-ct")
+    message = str(caught.value)
+    assert all(name in message for name in [*weights.ALIASES, *weights.REGISTRY])
+    assert "--weights path/to/best.pt" in message
 
 
 def test_registered_but_absent_without_url(
@@ -225,11 +226,11 @@ def test_cli_list_path_verify(isolated: dict[str, Path], monkeypatch: pytest.Mon
     runner = CliRunner()
     result = runner.invoke(app, ["weights", "list"])
     assert result.exit_code == 0, result.output
-    assert "ct-mri" in result.output and "not released yet" in result.output
+    assert "ct.pt" not in result.output  # nothing registered yet
     result = runner.invoke(app, ["weights", "verify"])
     assert result.exit_code == 0 and "nothing to verify" in result.output
     result = runner.invoke(app, ["weights", "path", "ct-mri"])
-    assert result.exit_code == 1 and "no released 'ct-mri' weights exist yet" in result.output
+    assert result.exit_code == 1 and "neither an existing file nor a known name" in result.output
 
     register(monkeypatch, b"good")
     (isolated["cache"] / "ct.pt").write_bytes(b"good")

@@ -34,7 +34,7 @@ def test_training_and_inference_feed_the_network_the_same_pixels(
     tmp_path: Path, tiny_model: torch.nn.Module, shape: tuple[int, int]
 ) -> None:
     root = _pair_folder(tmp_path, shape)
-    size = int(api.model_config(tiny_model).image_size)
+    size = tiny_model.config.image_size
     moving_dir, fixed_dir = data.find_pair_folder(root)
     training = data.load_pairs(moving_dir, fixed_dir, ["16003"], image_size=size)
 

@@ -83,8 +83,8 @@ def deform(
     import numpy as np
     import torch
 
-    from bsafuse.batch import save_flow as write_flow
     from bsafuse.deform import DeformParams, random_deformation
+    from bsafuse.flow_files import save_flow as write_flow
     from bsafuse.io import read_image, write_image
 
     _check_outputs(image, output, save_flow)

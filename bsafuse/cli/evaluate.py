@@ -53,7 +53,7 @@ def evaluate(
     val_cases: Annotated[str | None, typer.Option("--val-cases", help="Only these cases, e.g. 16,20; auto: the checkpoint's validation cases.", show_default=False)] = None,
     pair: Annotated[str | None, typer.Option("--pair", help="Pick a pair folder (ct-mri, ...) of a folder holding several.", show_default=False)] = None,
     device: Device = "auto",
-    precision: Annotated[PrecisionChoice, typer.Option("--precision", help="bf16 autocast runs on CUDA only.")] = PrecisionChoice.fp32,
+    precision: Annotated[PrecisionChoice, typer.Option("--precision", help="bf16 autocast runs on CUDA only.")] = "fp32",
     save_images: Annotated[bool, flag("--save-images", help="Protocol: also write the deformed pairs and every fused image.")] = False,
     json: Annotated[bool, flag("--json", help="Print the results as JSON on stdout.")] = False,
 ) -> None:  # fmt: skip
@@ -77,7 +77,7 @@ def evaluate(
 
     params = DeformParams(rotate_deg=rotate, translate_px=translate, scale=scale, elastic_px=elastic)
     options = dict(weights=weights, methods=methods.split(","), seed=seed, limit=limit, val_cases=cases, pair=pair,
-                   device=device, precision=precision.value, params=params,
+                   device=device, precision=precision, params=params,
                    save_images=output if save_images else None)  # fmt: skip
     _run_protocol(data_dir, output, json=json, **options)
 

@@ -5,7 +5,6 @@ The shared machinery (options, progress bar, summary) is also what `bsafuse regi
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from pathlib import Path
@@ -16,10 +15,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bsafuse import choices
 from bsafuse.cli._common import err, fail, flag, handle_errors, print_json
 
 if TYPE_CHECKING:
-    from bsafuse.batch import FuseReport
+    from bsafuse.results import FuseReport
 
 SHORT = "Register MOVING onto FIXED and fuse them (files, volumes or folders)."
 HELP = """Register MOVING (CT, PET or SPECT) onto FIXED (MRI) and fuse them into OUT.
@@ -30,15 +30,7 @@ Folders: `bsafuse fuse MOVING_DIR FIXED_DIR -o OUT_DIR` pairs files by name; fin
 """
 
 
-class PrealignChoice(str, enum.Enum):
-    none = "none"
-    rigid = "rigid"
-    affine = "affine"
-
-
-class PrecisionChoice(str, enum.Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
+PrecisionChoice = choices.Precision  # the CLI's choices are the library's vocabularies (Typer reads Literals)
 
 
 def parse_window(value: str | None) -> tuple[float, float] | None:
@@ -79,7 +71,7 @@ Weights = Annotated[
 Device = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[PrecisionChoice, typer.Option("--precision", help="bf16 autocast runs on CUDA only.")]
 Prealign = Annotated[
-    PrealignChoice | None,
+    choices.Prealign | None,
     typer.Option(
         "--prealign",
         help="Classical pre-registration (SimpleITK, mutual information) before the network, which "
@@ -137,7 +129,7 @@ def fuse(
     ],
     weights: Weights = "auto",
     device: Device = "auto",
-    precision: Precision = PrecisionChoice.fp32,
+    precision: Precision = "fp32",
     prealign: Prealign = None,
     save_flow: SaveFlow = None,
     save_warped: Annotated[
@@ -157,13 +149,7 @@ def fuse(
     json: Json = False,
 ) -> None:
     """Register MOVING onto FIXED and fuse them into OUTPUT."""
-    run_command(
-        "fuse", moving, fixed, output, json=json, weights=weights, device=device, precision=precision.value,
-        prealign=prealign.value if prealign else None, save_flow=save_flow, save_warped=save_warped,
-        report=report, pattern=pattern, overwrite=overwrite, batch_size=batch_size, anonymize=anonymize,
-        ignore_geometry=ignore_geometry,
-        read_options=read_options(slice_index, axis, window),
-    )  # fmt: skip
+    run_command("fuse", **locals())
 
 
 def read_options(slice_index: int | None, axis: str, window: str | None) -> dict[str, Any]:
@@ -176,12 +162,28 @@ def read_options(slice_index: int | None, axis: str, window: str | None) -> dict
     return options
 
 
-def run_command(mode: str, moving: Path, fixed: Path, output: Path, *, json: bool, **kwargs: Any) -> None:
-    """Check the inputs exist, run fuse_files with a progress bar, render the outcome."""
+def run_command(
+    mode: str,
+    moving: Path,
+    fixed: Path,
+    output: Path,
+    *,
+    json: bool,
+    slice_index: int | None,
+    axis: str,
+    window: str | None,
+    **kwargs: Any,
+) -> None:
+    """Check the inputs exist, run fuse_files with a progress bar, render the outcome.
+
+    The commands pass all their options (`**locals()`): those named here shape reading and
+    output, the rest are fuse_files' keyword arguments of the same names.
+    """
+    kwargs["read_options"] = read_options(slice_index, axis, window)
     for path in (moving, fixed):
         if not path.exists():
             fail(f"{path}: no such file or folder")
-    from bsafuse.api import fuse_files  # torch is loaded here, not at `bsafuse --help`
+    from bsafuse.batch import fuse_files  # torch is loaded here, not at `bsafuse --help`
 
     _log_to_stderr()
     seen: dict[str, int] = {}  # pairs done so far in a folder run, for the Ctrl-C summary
@@ -236,7 +238,7 @@ def _skipped(count: int) -> str:
 
 def render(report: FuseReport, *, json: bool) -> None:
     """Summary on stderr (JSON on stdout with --json); exit 1 if any pair failed."""
-    if not report.is_main:  # torchrun: rank 0 reports every rank's pairs (bsafuse.sharding)
+    if not report.is_main:  # torchrun: rank 0 reports every rank's pairs (bsafuse.torchrun)
         return
     if json:
         print_json(report.to_dict())

@@ -21,12 +21,10 @@ from bsafuse.cli.fuse import (
     Pattern,
     Prealign,
     Precision,
-    PrecisionChoice,
     SaveFlow,
     Slice,
     Weights,
     Window,
-    read_options,
     run_command,
 )
 
@@ -47,7 +45,7 @@ def register(
     ],
     weights: Weights = "auto",
     device: Device = "auto",
-    precision: Precision = PrecisionChoice.fp32,
+    precision: Precision = "fp32",
     prealign: Prealign = None,
     save_flow: SaveFlow = None,
     pattern: Pattern = "*",
@@ -61,10 +59,4 @@ def register(
     json: Json = False,
 ) -> None:
     """Warp MOVING onto FIXED and write OUTPUT."""
-    run_command(
-        "register", moving, fixed, output, json=json, weights=weights, device=device, precision=precision.value,
-        prealign=prealign.value if prealign else None, save_flow=save_flow, pattern=pattern,
-        overwrite=overwrite, batch_size=batch_size, anonymize=anonymize,
-        ignore_geometry=ignore_geometry,
-        read_options=read_options(slice_index, axis, window),
-    )  # fmt: skip
+    run_command("register", **locals())

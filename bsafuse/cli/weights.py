@@ -38,7 +38,7 @@ def list_(
     for column in ("name", "file", "present at", "verified"):
         table.add_column(column)
     for r in rows:
-        where = str(r.path) if r.path else ("[dim]not found[/]" if r.released else "[dim]not released yet[/]")
+        where = str(r.path) if r.path else "[dim]not found[/]"
         ok = {None: "[dim]-[/]", True: "[green]yes[/]", False: "[red]sha256 mismatch[/]"}[r.verified]
         table.add_row(r.name, r.filename, where, ok)
     err.print(table)
@@ -46,8 +46,6 @@ def list_(
     if aliases:
         err.print("Names without a version stand for the newest: " + ", ".join(aliases))
     err.print("Searched: " + ", ".join(str(d) for d in weights.search_dirs()))
-    if not weights.REGISTRY:
-        err.print(f"No trained weights are released yet; {weights.HOW_TO_PASS}.")
 
 
 @app.command("path")
@@ -73,7 +71,7 @@ def verify(
     unknown = [n for n in wanted if n not in weights.REGISTRY]
     if unknown:
         fail(
-            f"not registered: {', '.join(unknown)} (registered: {', '.join(weights.REGISTRY) or 'none yet'})"
+            f"not registered: {', '.join(unknown)} (registered: {', '.join(weights.REGISTRY)})"
         )
     found = [r for r in weights.inventory() if r.name in wanted and r.path is not None]
     if not found:
@@ -101,12 +99,6 @@ def export(
     """
     from bsafuse import weights
 
-    if output.resolve() == checkpoint.resolve():
-        fail(f"{output} is the input checkpoint; write the export to another file")
-    model = weights.load_checkpoint(checkpoint)
-    source = weights.read_checkpoint(checkpoint)
-    provenance = {k: source[k] for k in ("epoch", "metrics") if k in source}
-    weights.save_checkpoint(output, model, half=half, **provenance)
-    digest = weights.sha256_of(output)
+    digest = weights.export_checkpoint(checkpoint, output, half=half)
     err.print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
     print(digest)

@@ -31,6 +31,7 @@ from bsafuse import data as data_mod
 from bsafuse.deform import DeformParams, random_deformation
 from bsafuse.errors import InputError
 from bsafuse.evaluation.scoring import grey
+from bsafuse.pairing import images_by_stem
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,6 @@ class Case:
     flow_true: np.ndarray | None
 
 
-def _stem(path: Path) -> str:
-    return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
-
-
-def _images(folder: Path) -> dict[str, Path]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    return {_stem(p): p for p in files if p.name.lower().endswith(data_mod.IMAGE_SUFFIXES)}
-
-
 def _subfolder(data_dir: Path, name: str) -> Path | None:
     found = [d for d in data_dir.iterdir() if d.is_dir() and d.name.lower() == name]
     return found[0] if found else None
@@ -91,7 +83,7 @@ def find_sources(data_dir: str | Path, *, pair: str | None = None) -> tuple[str,
     data_dir = Path(data_dir)
     if is_predeformed(data_dir):
         folders = {n: _subfolder(data_dir, n) for n in (*PREDEFORMED, FLOW_FOLDER)}
-        listed = {n: _images(folders[n]) for n in PREDEFORMED}  # type: ignore[arg-type]
+        listed = {n: images_by_stem(folders[n]) for n in PREDEFORMED}  # type: ignore[arg-type]
         names = sorted(set.intersection(*(set(v) for v in listed.values())))
         lonely = sorted(set.union(*(set(v) for v in listed.values())) - set(names))
         if lonely:
@@ -112,7 +104,7 @@ def find_sources(data_dir: str | Path, *, pair: str | None = None) -> tuple[str,
         ]
         return "pre-deformed", "", sources
     moving_dir, fixed_dir = data_mod.find_pair_folder(data_dir, pair)
-    moving, fixed = _images(moving_dir), _images(fixed_dir)
+    moving, fixed = images_by_stem(moving_dir), images_by_stem(fixed_dir)
     names = data_mod.list_pairs(moving_dir, fixed_dir)
     return "aligned", moving_dir.name, [PairSource(n, moving[n], fixed[n]) for n in names]
 

@@ -118,7 +118,7 @@ class MethodRunner:
         return self._classical[1]
 
     def _bsafuse(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        from bsafuse.api import DEFAULT_PREALIGN
+        from bsafuse.choices import DEFAULT_PREALIGN
 
         result = self._fuse(case.moving, case.fixed, register=True, prealign=DEFAULT_PREALIGN)
         return result.fused, result.flow, result.warped

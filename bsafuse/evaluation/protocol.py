@@ -31,6 +31,7 @@ from bsafuse.errors import BsafuseError, WeightsError
 from bsafuse.evaluation.cases import Case, PairSource, find_sources, load_case, select
 from bsafuse.evaluation.methods import DEFAULT_METHODS, MethodResult, MethodRunner, check_methods, needs_model
 from bsafuse.evaluation.scoring import ROW_METRICS, fusion_scores, registration_scores
+from bsafuse.loading import Provenance, load_model, provenance_of
 
 if TYPE_CHECKING:
     from bsafuse.device import Precision
@@ -100,20 +101,13 @@ def run_protocol(
     names = check_methods(methods)
     params = params or DeformParams()
     layout, modality, sources = find_sources(Path(data_dir), pair=pair)
-    weights_info: dict[str, Any] | None = None
-    if model is not None:
-        name = str(getattr(model, "bsafuse_weights", "(model given)"))
-        weights_info = {"name": name, "path": None, "sha256": None}
-    elif needs_model(names) or val_cases == "auto":
-        path, weights_info = _resolve_weights(weights, modality, sources)
-        if needs_model(names):
-            from bsafuse.api import load_model
-
-            model = load_model(path, device=device)
+    if model is None and (needs_model(names) or val_cases == "auto"):
+        model = load_model(weights, device, moving=sources[0].moving, modality=modality or None)
+    provenance = provenance_of(model) if model is not None else None
     if val_cases == "auto":
-        val_cases = _training_val_cases(weights_info, [s.name for s in sources])
+        val_cases = _training_val_cases(provenance, [s.name for s in sources])
     sources = select(sources, val_cases=val_cases, limit=limit)
-    settings = _settings(data_dir, layout, modality, names, seed, params, weights_info, model, precision)
+    settings = _settings(data_dir, layout, modality, names, seed, params, provenance, model, precision)
     settings.update(val_cases=list(val_cases) if val_cases is not None else None, limit=limit,
                     pairs=[s.name for s in sources])  # fmt: skip
     report = ProtocolReport(names, settings=settings)
@@ -128,7 +122,7 @@ def run_protocol(
 
 def _settings(
     data_dir: str | os.PathLike[str], layout: str, modality: str, methods: tuple[str, ...], seed: int,
-    params: DeformParams, weights: dict[str, Any] | None, model: BSAFusion | None, precision: str,
+    params: DeformParams, weights: Provenance | None, model: BSAFusion | None, precision: str,
 ) -> dict[str, Any]:  # fmt: skip
     """What summary.json records about the run (the selection is added by the caller)."""
     note = "pixel amplitudes are for 256-px images and scale with the image size"
@@ -141,7 +135,7 @@ def _settings(
         "methods": list(methods),
         "seed": seed,
         "deform": {**asdict(params), "note": note} if layout == "aligned" else None,
-        "weights": weights,
+        "weights": weights.to_dict() if weights is not None else None,
         "device": str(next(model.parameters()).device) if model is not None else None,
         "precision": precision,
         "scoring": SCORING,
@@ -195,26 +189,11 @@ def _finite(value: float | None) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
 
 
-def _resolve_weights(
-    weights: str | os.PathLike[str], modality: str, sources: list[PairSource]
-) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint file and what to record about it (name, path, sha256)."""
-    from bsafuse import api
-    from bsafuse import weights as weights_mod
-
-    choice = os.fspath(weights)
-    if choice == "auto":
-        by_folder = {"CT": "ct-mri", "PET": "pet-mri", "SPECT": "spect-mri"}
-        choice = by_folder.get(modality.upper()) or api.choose_weights("auto", sources[0].moving)
-    path = api.resolve_choice(weights, choice, chosen_for="this data")
-    return path, {"name": choice, "path": str(path), "sha256": weights_mod.sha256_of(path)}
-
-
-def _training_val_cases(weights_info: dict[str, Any] | None, names: list[str]) -> list[str]:
+def _training_val_cases(provenance: Provenance | None, names: list[str]) -> list[str]:
     """The validation cases of the training run that wrote the checkpoint (--val-cases auto)."""
     from bsafuse.weights import read_checkpoint
 
-    path = (weights_info or {}).get("path")
+    path = provenance.path if provenance is not None else None
     train = read_checkpoint(path).get("train") if path else None
     config = train.get("config") if isinstance(train, dict) else None
     if not isinstance(config, dict):
