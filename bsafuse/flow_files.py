@@ -34,7 +34,8 @@ def save_flow(path: Path, flow: np.ndarray, *, like: MedicalImage | None = None)
 
 def _save_flow_nifti(path: Path, flow: np.ndarray, like: MedicalImage | None) -> Path:
     from bsafuse.io.atomic import atomic_path
-    from bsafuse.io.image import NiftiLayout, reorder
+    from bsafuse.io.geometry import reorder
+    from bsafuse.io.image import NiftiLayout
     from bsafuse.io.nifti import LPS_TO_RAS, nibabel_module
 
     nib = nibabel_module()

@@ -31,7 +31,8 @@ from numpy.typing import NDArray
 from bsafuse.errors import InputError
 from bsafuse.io.color import grey_if_channels_equal
 from bsafuse.io.dicom_stack import build_image, frame_plane, frame_position, study_of
-from bsafuse.io.image import MedicalImage, check_size, geometry_from_matrix
+from bsafuse.io.geometry import geometry_from_matrix
+from bsafuse.io.image import MedicalImage, check_size
 from bsafuse.io.intensity import bit_depth_map
 
 MAGIC = b"DICM"  # at byte offset 128, after the preamble

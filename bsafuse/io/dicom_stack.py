@@ -13,7 +13,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bsafuse.errors import InputError
-from bsafuse.io.image import STUDY_TAGS, DicomStudy, MedicalImage, geometry_from_matrix, orient_volume
+from bsafuse.io.geometry import geometry_from_matrix, orient_volume
+from bsafuse.io.image import STUDY_TAGS, DicomStudy, MedicalImage
 from bsafuse.io.intensity import choose_map
 
 

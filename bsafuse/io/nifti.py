@@ -27,14 +27,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bsafuse.errors import InputError, OutputError
-from bsafuse.io.image import (
-    MedicalImage,
-    NiftiLayout,
-    check_size,
-    geometry_from_matrix,
-    orient_volume,
-    reorder,
-)
+from bsafuse.io.geometry import geometry_from_matrix, orient_volume, reorder
+from bsafuse.io.image import MedicalImage, NiftiLayout, check_size
 from bsafuse.io.intensity import choose_map
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # also RAS -> LPS
