@@ -65,12 +65,12 @@ def build(
 
     from bsafuse.config import ModelConfig
     from bsafuse.model import BSAFusion
-    from bsafuse.model.speed import reference_path
+    from bsafuse.model.reference import ReferenceForward
 
     torch.manual_seed(0)
     model = BSAFusion(ModelConfig.paper() if config == "paper" else ModelConfig.small()).eval()
-    if reference:
-        return model.to(memory_format=torch.contiguous_format), reference_path
+    if reference:  # the paper's equations as written (bsafuse.model.reference), NCHW layout
+        return ReferenceForward(model.to(memory_format=torch.contiguous_format)), contextlib.nullcontext
     return model, contextlib.nullcontext
 
 

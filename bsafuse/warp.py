@@ -64,7 +64,7 @@ def warp(image: Tensor, flow: Tensor, *, mode: str = "bilinear", padding: str = 
     if image.shape[-2:] != flow.shape[-2:]:
         raise ValueError(
             f"image is {tuple(image.shape[-2:])} but flow is {tuple(flow.shape[-2:])}; "
-            "resize the flow with upsample_flow() first"
+            "resize the flow with resize_flow() first"
         )
     h, w = image.shape[-2:]
     with torch.autocast(device_type=image.device.type, enabled=False):
@@ -73,18 +73,24 @@ def warp(image: Tensor, flow: Tensor, *, mode: str = "bilinear", padding: str = 
     return out.to(image.dtype)
 
 
-def upsample_flow(flow: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize a flow to `size` = (H, W) and rescale its vectors to the new pixel units.
+def resize_flow(flow: Tensor, size: tuple[int, int], *, antialias: bool = False) -> Tensor:
+    """Resize a flow to `size` = (H, W), either way, and rescale its vectors to the new pixel units.
 
     Shapes: (N, 2, h, w) -> (N, 2, H, W). With the align-corners pixel convention a displacement
-    of d pixels on a grid of w pixels is d * (W - 1) / (w - 1) pixels on a grid of W.
+    of d pixels on a grid of w pixels is d * (W - 1) / (w - 1) pixels on a grid of W. With
+    `antialias`, a flow that shrinks in either dimension is low-pass filtered first (a mean of the
+    displacements it covers, not a sample of one); growing is plain bilinear either way. The
+    result is float32 unless the size is unchanged (then `flow` itself comes back).
     """
     check_shape(flow, "N 2 H W", name="flow")
     h, w = flow.shape[-2:]
     if (h, w) == tuple(size):
         return flow
+    shrinks = size[0] < h or size[1] < w
     with torch.autocast(device_type=flow.device.type, enabled=False):
-        out = F.interpolate(flow.float(), size=size, mode="bilinear", align_corners=True)
+        out = F.interpolate(
+            flow.float(), size=size, mode="bilinear", align_corners=True, antialias=antialias and shrinks
+        )
         scale = out.new_tensor([(size[1] - 1) / max(w - 1, 1), (size[0] - 1) / max(h - 1, 1)])
         return out * scale.view(1, 2, 1, 1)
 

@@ -9,7 +9,7 @@ saw in training (a test feeds one pair through both and compares).
 - *Working size.* A (H, W) slice is zero-padded to a centred square of side max(H, W), never
   stretched (zeros are "no data", as outside any image), then resized to the working size S with
   bilinear interpolation on the align-corners grid (the corner pixels' centres coincide, the
-  convention of `warp.upsample_flow`), antialiased when shrinking. Outputs go back the same way
+  convention of `warp.resize_flow`), antialiased when shrinking. Outputs go back the same way
   and the padding is cropped; flow vectors are rescaled to output pixels.
 - *Borders.* Where a flow samples outside the moving image there is no moving data; the fused
   image is the fixed image there, blended by the share of valid data (`keep_fixed_outside`).
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bsafuse.warp import upsample_flow, warp
+from bsafuse.warp import resize_flow, warp
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Placement:
 
     def flow_back(self, flow: Tensor) -> Tensor:
         """(N, 2, size, size) flow in working pixels -> (N, 2, height, width) in output pixels."""
-        return self._crop(upsample_flow(flow.float(), (self.side, self.side)))
+        return self._crop(resize_flow(flow.float(), (self.side, self.side)))
 
 
 def placement(height: int, width: int, size: int) -> Placement:

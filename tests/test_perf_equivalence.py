@@ -1,11 +1,14 @@
-"""The fast path (bsafuse/model/speed.py) computes what the plain transcription computes.
+"""The model's exact rewrites compute what the literal transcription of the paper computes.
 
-Reference: the same weights in a model converted back to NCHW memory, run inside
-``reference_path()`` (every rewrite off). Outputs must agree within 1e-4, for the small config and
-for the paper config the benchmarks time. Gradients agree within 1e-3 of their scale: the gradient
-of bilinear sampling with respect to the sampling grid jumps where a sample crosses a pixel edge,
-so float rounding of the order of 1e-6 in the flow becomes ~1e-4 relative in the flow heads'
-gradients (measured: 1.8e-4).
+The model's forward methods hold one form of each equation, an exact algebraic rewrite (its
+identity commented where it is used; op-level ones in bsafuse/model/speed.py). The literal forms
+live in bsafuse/model/reference.py as functions of a module's parameters. Here both run on the
+same weights (the reference on a copy converted back to NCHW memory): each rewritten module
+against its literal form, then whole networks. Outputs must agree within 1e-4, for the small
+config and for the paper config the benchmarks time. Gradients agree within 1e-3 of their scale:
+the gradient of bilinear sampling with respect to the sampling grid jumps where a sample crosses
+a pixel edge, so float rounding of the order of 1e-6 in the flow becomes ~1e-4 relative in the
+flow heads' gradients (measured: 1.8e-4).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from torch import nn
 
 from bsafuse.config import ModelConfig
 from bsafuse.losses import total_loss
-from bsafuse.model import BSAFusion
-from bsafuse.model.align import FeatureUp
-from bsafuse.model.speed import fast_path, pointwise_then_spatial, reference_path
+from bsafuse.model import BSAFusion, speed
+from bsafuse.model import reference as ref
+from bsafuse.model.align import FeatureUp, RegistrationLayer, SpatialCrossAttention
+from bsafuse.model.blocks import ChannelAttention, RestormerBlock
+from bsafuse.model.speed import channels_last, instance_norm, pointwise_then_spatial
 
 TOLERANCE = 1e-4
 GRAD_TOLERANCE = 1e-3
@@ -50,60 +55,77 @@ def images(n: int, h: int, w: int, seed: int = 1) -> tuple[torch.Tensor, torch.T
     return both[:n], both[n:]
 
 
-def assert_outputs_match(fast: tuple, ref: tuple) -> None:
-    for name, a, b in zip(fast._fields, fast, ref, strict=True):  # type: ignore[attr-defined]
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_outputs_match(fast: tuple, literal: tuple) -> None:
+    for name, a, b in zip(fast._fields, fast, literal, strict=True):  # type: ignore[attr-defined]
         for x, y in zip(
             a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True
         ):
-            assert x.shape == y.shape, name
-            error = (x.float() - y.float()).abs().max().item()
+            error = max_error(x, y)
             assert error <= TOLERANCE, f"{name}: max difference {error:.2e}"
 
 
-@pytest.mark.parametrize(("n", "h", "w"), [(2, 64, 64), (1, 48, 80)])
-def test_small_config_forward_matches_the_reference(n: int, h: int, w: int) -> None:
-    model = build(dataclasses.replace(ModelConfig.small(), image_size=64)).eval()
-    reference = reference_copy(model)
-    moving, fixed = images(n, h, w)
-    with torch.inference_mode():
-        fast = model(moving, fixed)
-        with reference_path():
-            ref = reference(moving, fixed)
-    assert fast.flow.abs().max().item() > 1.0  # the warps really move things
-    assert_outputs_match(fast, ref)
+# one rewritten module against its literal form
 
 
-def test_paper_config_forward_matches_the_reference() -> None:
-    model = build(ModelConfig.paper()).eval()
-    reference = reference_copy(model)
-    moving, fixed = images(1, 256, 256)
-    with torch.inference_mode():
-        fast = model(moving, fixed)
-        with reference_path():
-            ref = reference(moving, fixed)
-    assert_outputs_match(fast, ref)
+def test_channel_attention_transposed_product_is_attn_times_v() -> None:
+    torch.manual_seed(0)
+    for heads in (1, 2):
+        module = ChannelAttention(8, heads)
+        x = torch.rand(2, 8, 9, 7)
+        assert max_error(module(channels_last(x)), ref.channel_attention(module, x)) <= 1e-5
 
 
-def test_training_gradients_match_the_reference() -> None:
-    model = build(dataclasses.replace(ModelConfig.small(), image_size=64)).train()
-    reference = reference_copy(model)
-    moving, fixed = images(2, 64, 64)
-    label = fixed.roll(1, dims=-1)
-    loss, _ = total_loss(model(moving, fixed), moving=moving, fixed=fixed, label=label)
-    loss.backward()
-    with reference_path():
-        ref_loss, _ = total_loss(reference(moving, fixed), moving=moving, fixed=fixed, label=label)
-        ref_loss.backward()
-    assert loss.item() == pytest.approx(ref_loss.item(), abs=TOLERANCE)
-    checked = 0
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
-        if q.grad is None:
-            assert p.grad is None, name
-            continue
-        scale = max(1.0, q.grad.abs().max().item())
-        assert (p.grad - q.grad).abs().max().item() <= GRAD_TOLERANCE * scale, name
-        checked += 1
-    assert checked > 100
+def test_restormer_block_matches_its_literal_form() -> None:
+    torch.manual_seed(0)
+    block = RestormerBlock(3, 8, heads=2, expansion=4)
+    x = torch.rand(2, 3, 12, 10)
+    assert max_error(block(x), ref.restormer_block(block, x)) <= 1e-5
+
+
+def test_cross_attention_as_one_batch_is_both_ways_summed() -> None:
+    torch.manual_seed(0)
+    module = SpatialCrossAttention(6)
+    d, f = torch.randn(2, 6, 8, 8), torch.randn(2, 6, 8, 8)
+    assert max_error(module(d, f), ref.spatial_cross_attention(module, d, f)) <= 1e-5
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("next_channels", [4, None])
+def test_registration_layer_runs_its_1x1_conv_before_the_resize(
+    direction: str, next_channels: int | None
+) -> None:
+    torch.manual_seed(0)
+    layer = RegistrationLayer(8, next_channels, direction=direction, max_step=1.0)  # type: ignore[arg-type]
+    nn.init.normal_(layer.flow_head.weight, std=0.05)
+    feat_a, feat_b, d = (torch.randn(2, 8, 5, 6) for _ in range(3))
+    flow, up = layer(feat_a, feat_b, d)
+    flow_ref, up_ref = ref.registration_layer(layer, feat_a, feat_b, d)
+    assert max_error(flow, flow_ref) <= 1e-5
+    if next_channels is None:
+        assert up is None and up_ref is None
+    else:
+        assert up is not None and up_ref is not None and max_error(up, up_ref) <= 1e-5
+
+
+def test_feature_up_runs_its_1x1_conv_before_the_resize() -> None:
+    torch.manual_seed(0)
+    up = FeatureUp(8, 4)
+    x = torch.rand(2, 8, 5, 6)
+    assert max_error(up(x), ref.feature_up(up, x)) <= 1e-5
+
+
+def test_alignment_resizes_the_step_flow_differences_once() -> None:
+    model = build(dataclasses.replace(ModelConfig.small(), image_size=64))
+    maps = torch.randn(2, 2, model.config.align.channels[0], 4, 4)
+    fast = model.align(maps[0], maps[1], (64, 64))
+    literal = ref.bidirectional_alignment(model.align, maps[0], maps[1], (64, 64))
+    assert fast.flow.abs().max().item() > 1.0
+    assert_outputs_match(fast, literal)
 
 
 @pytest.mark.parametrize("groups", [2, 3])
@@ -119,22 +141,74 @@ def test_composed_convolutions_keep_the_border_exact(groups: int) -> None:
         assert torch.allclose(pointwise_then_spatial(image, pointwise, spatial), expected, atol=1e-5)
 
 
-def test_feature_up_runs_its_1x1_conv_before_the_resize() -> None:
-    torch.manual_seed(0)
-    up = FeatureUp(8, 4)
-    x = torch.rand(2, 8, 5, 6)
-    with reference_path():
-        expected = up(x)
-    assert torch.allclose(up(x), expected, atol=1e-5)
+def test_instance_norm_as_group_norm_keeps_nhwc_memory() -> None:
+    norm = nn.InstanceNorm2d(5)
+    x = channels_last(torch.randn(2, 5, 6, 7))
+    out = instance_norm(x, norm)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert max_error(out, norm(x)) <= 1e-5
 
 
-def test_the_switch_is_scoped_and_checkpoints_are_unchanged() -> None:
-    assert fast_path()
-    with pytest.raises(RuntimeError), reference_path():
-        assert not fast_path()
-        raise RuntimeError
-    assert fast_path()
-    model = build(dataclasses.replace(ModelConfig.small(), image_size=64))
+# whole networks
+
+
+@pytest.mark.parametrize(("n", "h", "w"), [(2, 64, 64), (1, 48, 80)])
+def test_small_config_forward_matches_the_reference(n: int, h: int, w: int) -> None:
+    model = build(dataclasses.replace(ModelConfig.small(), image_size=64)).eval()
+    plain = reference_copy(model)
+    moving, fixed = images(n, h, w)
+    with torch.inference_mode():
+        fast = model(moving, fixed)
+        literal = ref.reference_forward(plain, moving, fixed)
+    assert fast.flow.abs().max().item() > 1.0  # the warps really move things
+    assert_outputs_match(fast, literal)
+
+
+def test_paper_config_forward_matches_the_reference() -> None:
+    model = build(ModelConfig.paper()).eval()
+    plain = reference_copy(model)
+    moving, fixed = images(1, 256, 256)
+    with torch.inference_mode():
+        fast = model(moving, fixed)
+        literal = ref.reference_forward(plain, moving, fixed)
+    assert_outputs_match(fast, literal)
+
+
+def test_training_gradients_match_the_reference() -> None:
+    model = build(dataclasses.replace(ModelConfig.small(), image_size=64)).train()
+    plain = reference_copy(model)
+    moving, fixed = images(2, 64, 64)
+    label = fixed.roll(1, dims=-1)
+    loss, _ = total_loss(model(moving, fixed), moving=moving, fixed=fixed, label=label)
+    loss.backward()
+    ref_loss, _ = total_loss(
+        ref.reference_forward(plain, moving, fixed), moving=moving, fixed=fixed, label=label
+    )
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=TOLERANCE)
+    checked = 0
+    for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        assert p.grad is not None, name
+        scale = max(1.0, q.grad.abs().max().item())
+        assert (p.grad - q.grad).abs().max().item() <= GRAD_TOLERANCE * scale, name
+        checked += 1
+    assert checked > 100
+
+
+def test_one_form_no_switch_and_checkpoints_are_unchanged() -> None:
+    assert not hasattr(speed, "fast_path") and not hasattr(speed, "reference_path")
+    model = build(dataclasses.replace(ModelConfig.small(), image_size=64)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moving, fixed = images(1, 64, 64)
+    with torch.inference_mode():
+        first = model(moving, fixed)
+        ref.reference_forward(model, moving, fixed)  # patches nothing: the model is as it was
+        again = model(moving, fixed)
+    assert all(torch.equal(a, b) for a, b in zip(first[:4], again[:4], strict=True))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     plain = reference_copy(model)
     assert list(model.state_dict()) == list(plain.state_dict())
     restored = BSAFusion(model.config).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

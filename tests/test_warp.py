@@ -13,7 +13,7 @@ from bsafuse.warp import (
     invert_flow,
     jacobian_determinant,
     pixel_grid,
-    upsample_flow,
+    resize_flow,
     warp,
 )
 
@@ -71,11 +71,24 @@ def test_pixel_grid_holds_coordinates() -> None:
     assert grid[0, 0, 2, 3].item() == 3 and grid[0, 1, 2, 3].item() == 2
 
 
-def test_upsample_flow_rescales_vectors() -> None:
+def test_resize_flow_rescales_vectors() -> None:
     flow = torch.full((1, 2, 16, 16), 1.5)
-    up = upsample_flow(flow, (31, 31))  # (31 - 1) / (16 - 1) = 2 pixels per coarse pixel
+    up = resize_flow(flow, (31, 31))  # (31 - 1) / (16 - 1) = 2 pixels per coarse pixel
     assert up.shape == (1, 2, 31, 31)
     assert torch.allclose(up, torch.full_like(up, 3.0))
+    down = resize_flow(up, (16, 16), antialias=True)  # and back: 1 / 2 pixel per fine pixel
+    assert down.shape == (1, 2, 16, 16) and torch.allclose(down, flow)
+    assert resize_flow(flow, (16, 16)) is flow  # same size: the flow itself
+
+
+def test_resize_flow_antialias_averages_only_when_shrinking(generator: torch.Generator) -> None:
+    flow = torch.zeros(1, 2, 32, 32)
+    flow[..., ::2] = 1.0  # stripes one pixel wide: a plain resize samples them, a filter averages
+    plain, filtered = resize_flow(flow, (8, 8)), resize_flow(flow, (8, 8), antialias=True)
+    assert (plain.amax() - plain.amin()).item() > 0.1
+    assert (filtered.amax() - filtered.amin()).item() < (plain.amax() - plain.amin()).item() / 2
+    coarse = torch.rand(1, 2, 5, 5, generator=generator)
+    assert torch.equal(resize_flow(coarse, (17, 17), antialias=True), resize_flow(coarse, (17, 17)))
 
 
 def test_upsampled_shift_still_moves_a_dot_by_the_right_amount() -> None:
@@ -83,7 +96,7 @@ def test_upsampled_shift_still_moves_a_dot_by_the_right_amount() -> None:
     coarse[:, 0] = 1.0  # one coarse pixel = (33 - 1) / (9 - 1) = 4 fine pixels
     image = torch.zeros(1, 1, 33, 33)
     image[0, 0, 16, 16] = 1.0
-    out = warp(image, upsample_flow(coarse, (33, 33)))
+    out = warp(image, resize_flow(coarse, (33, 33)))
     assert out[0, 0, 16, 12].item() == pytest.approx(1.0, abs=1e-5)
 
 

@@ -8,9 +8,10 @@ sums of all step flows resized to full size (Eq. 7):
 
     phi_A = sum_i up(phi_A^i),  phi_B = sum_i up(phi_B^i),  phi = phi_A - phi_B
 
-and ``warp(A, phi)`` lies on B (warp.py convention): if A is B moved by t, the middle is reached
-by phi_A = t/2 and phi_B = -t/2, and phi = t. Summing step flows instead of composing them is
-the paper's first-order approximation; it is exact for translations.
+(phi = phi_A - phi_B is Eq. 5's ab = ac_2 - bc_2) and ``warp(A, phi)`` lies on B (warp.py
+convention): if A is B moved by t, the middle is reached by phi_A = t/2 and phi_B = -t/2, and
+phi = t. Summing step flows instead of composing them is the paper's first-order approximation
+(Eq. 4's path independence); it is exact for translations.
 
 With K = 5 and a 1-pixel bound per step, one direction corrects at most
 (255/15 + 255/31 + 255/63 + 255/127 + 1) ~ 32 px at 256 x 256 (align-corners pixel units), about
@@ -24,12 +25,11 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from bsafuse.config import AlignConfig
-from bsafuse.model.speed import channels_last, fast_path, instance_norm
-from bsafuse.warp import upsample_flow, warp
+from bsafuse.model.speed import channels_last, instance_norm
+from bsafuse.warp import resize_flow, warp
 
 Direction = Literal["forward", "reverse"]
 
@@ -45,7 +45,7 @@ class SpatialCrossAttention(nn.Module):
 
     attend(x, y) = x + x * gate, gate = softmax over positions of relu(conv(x)) * relu(conv(y)),
     divided by its peak so it stays in (0, 1]: a softmax over 65 536 pixels would otherwise be
-    ~1e-5 everywhere and switch the branch off.
+    ~1e-5 everywhere and switch the branch off. forward(d, f) = attend(d, f) + attend(f, d).
     """
 
     def __init__(self, channels: int) -> None:
@@ -53,32 +53,24 @@ class SpatialCrossAttention(nn.Module):
         self.query = nn.Conv2d(channels, channels, 3, padding=1)
         self.key = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def attend(self, x: Tensor, y: Tensor) -> Tensor:
-        score = F.relu(self.query(x)) * F.relu(self.key(y))  # (N, C, h, w)
-        score = score.float()
-        gate = torch.exp(score - score.amax(dim=(-2, -1), keepdim=True))  # softmax / its peak
-        return x + x * gate.to(x.dtype)
-
-    def forward(self, state: Tensor, pair: Tensor) -> Tensor:
-        if not fast_path():
-            return self.attend(state, pair) + self.attend(pair, state)
-        # both ways as one batch: rows [:n] attend(state, pair), rows [n:] attend(pair, state)
-        n = state.shape[0]
-        both = torch.cat((state, pair))  # (2N, C, h, w)
+    def forward(self, d: Tensor, f: Tensor) -> Tensor:
+        # attend(d, f) + attend(f, d) computed as one batch [d; f]; identical: both share every weight
+        n = d.shape[0]
+        both = torch.cat((d, f))  # (2N, C, h, w): rows [:n] attend(d, f), rows [n:] attend(f, d)
         keys = F.relu(self.key(both))
         score = F.relu(self.query(both)) * torch.cat((keys[n:], keys[:n]))
         score = score.float()
-        gate = torch.exp(score - score.amax(dim=(-2, -1), keepdim=True)).to(both.dtype)
+        gate = torch.exp(score - score.amax(dim=(-2, -1), keepdim=True)).to(both.dtype)  # softmax / peak
         out = torch.addcmul(both, both, gate)  # x + x * gate
         return out[:n] + out[n:]
 
 
 class RegistrationLayer(nn.Module):
-    """FRL (direction="forward", moves A) or RRL (direction="reverse", moves B): one step (Eq. 5).
+    """FRL (direction="forward", moves A) or RRL (direction="reverse", moves B): one step (Eq. 6).
 
-    Inputs: the current (already warped) feature pair and the running state D^(i-1); outputs the
-    step flow of its own side and the next state D^i (brought up x2 to the next step's channels,
-    or None after the last step).
+    Inputs {F_cn^i, D^(i-1)}: the current (already warped) feature pair F_A^i, F_B^i and the
+    layer's running state D^(i-1); outputs the step flow phi^i of its own side and the next state
+    D^i, brought up x2 to the next step's channels (None after the last step).
     """
 
     def __init__(
@@ -96,28 +88,28 @@ class RegistrationLayer(nn.Module):
         # near-zero head: an untrained model starts at the identity warp
         nn.init.normal_(self.flow_head.weight, std=1e-5)
         nn.init.zeros_(self.flow_head.bias)  # type: ignore[arg-type]
-        self.state_up = (
+        self.state_up = (  # the attribute names are checkpoint keys: D goes up with `state_up`
             nn.Sequential(nn.Conv2d(channels, next_channels, 1), nn.LeakyReLU(0.2))
             if next_channels is not None
             else None
         )
 
-    def forward(self, feat_a: Tensor, feat_b: Tensor, state: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, feat_a: Tensor, feat_b: Tensor, d: Tensor) -> tuple[Tensor, Tensor | None]:
         own, other = (feat_a, feat_b) if self.direction == "forward" else (feat_b, feat_a)
-        pair = self.reduce(torch.cat((own, other), dim=1))  # (N, C, h, w)
-        x = self.attention(state, pair)
+        f_cn = self.reduce(torch.cat((own, other), dim=1))  # F_cn^i, reduced to C: (N, C, h, w)
+        x = self.attention(d, f_cn)
         x = x + F.leaky_relu(self.refine(x), 0.2)  # D^i
         flow = torch.tanh(self.flow_head(x).float()) * self.max_step  # (N, 2, h, w) px of this scale
         if self.state_up is None:
             return flow, None
-        if not fast_path():
-            return flow, self.state_up(upsample2(x))
         reduce, act = self.state_up
-        return flow, act(upsample2(reduce(x)))  # the 1x1 conv commutes with the resize (speed.py)
+        # state_up(up2(D^i)) computed as act(up2(conv1x1(D^i))); identical: a 1x1 conv commutes with up2
+        return flow, act(upsample2(reduce(x)))  # (N, C_next, 2h, 2w)
 
 
 class FeatureUp(nn.Sequential):
-    """Feature map up x2 to the next step: bilinear, 1x1 conv, 3x3 conv, InstanceNorm, LeakyReLU."""
+    """The x2 upsampling of Eq. 6, F^(i+1) = up2(W(F^i, phi^i)): bilinear, 1x1 conv, 3x3 conv,
+    InstanceNorm, LeakyReLU (one module per level, shared by both sides)."""
 
     def __init__(self, channels: int, next_channels: int) -> None:
         super().__init__(
@@ -129,10 +121,9 @@ class FeatureUp(nn.Sequential):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if not fast_path():
-            return super().forward(x)
         up, reduce, spatial, norm, act = self
-        x = up(reduce(x))  # the 1x1 conv commutes with the bilinear resize: run it at low resolution
+        # up then 1x1 conv computed as 1x1 conv then up; identical: a 1x1 conv commutes with bilinear
+        x = up(reduce(x))  # (N, C_next, 2h, 2w)
         return act(instance_norm(spatial(x), norm))  # type: ignore[arg-type]
 
 
@@ -143,7 +134,7 @@ class AlignmentOutput(NamedTuple):
 
 
 class BidirectionalAlignment(nn.Module):
-    """BSFA: K FRLs and K RRLs; `ups[i]` brings both sides' features from step i to i+1."""
+    """BSFA: K FRLs and K RRLs; `ups[i]` brings both sides' features from step i to i+1 (Eq. 6)."""
 
     def __init__(self, cfg: AlignConfig) -> None:
         super().__init__()
@@ -165,44 +156,29 @@ class BidirectionalAlignment(nn.Module):
 
     def forward(self, map_a: Tensor, map_b: Tensor, size: tuple[int, int]) -> AlignmentOutput:
         """map_a, map_b: (N, C_0, h_0, w_0) transferred token maps; size: full (H, W)."""
-        feat_a, feat_b = map_a, map_b  # the pair F^i (Eq. 6)
-        state_a, state_b = map_a, map_b  # D^0 of the FRL and the RRL
+        feat_a, feat_b = map_a, map_b  # F_A^1, F_B^1
+        d_a, d_b = map_a, map_b  # D_A^0 of the FRLs, D_B^0 of the RRLs
         flows_a: list[Tensor] = []
         flows_b: list[Tensor] = []
         for i, (frl, rrl) in enumerate(zip(self.forward_layers, self.reverse_layers, strict=True)):
-            flow_a, state_a = frl(feat_a, feat_b, state_a)
-            flow_b, state_b = rrl(feat_a, feat_b, state_b)
+            flow_a, d_a = frl(feat_a, feat_b, d_a)
+            flow_b, d_b = rrl(feat_a, feat_b, d_b)
             flows_a.append(flow_a)
             flows_b.append(flow_b)
             if i < len(self.ups):
-                # Eq. 6: warp each side by its own step flow, then up x2 (both sides as one batch)
+                # Eq. 6: F_j^(i+1) = up2(W(F_j^i, phi_j^i)), j = A, B, for both sides as one batch (the
+                # warp and the shared up-module act per sample, so batching changes nothing)
                 warped = warp(torch.cat((feat_a, feat_b)), torch.cat((flow_a, flow_b)))
                 feat_a, feat_b = self.ups[i](channels_last(warped)).chunk(2, dim=0)
-        if fast_path():  # resizing is linear: resize each step's phi_A^i - phi_B^i once
-            flow = total_flow([fa - fb for fa, fb in zip(flows_a, flows_b, strict=True)], size)
-        else:
-            flow = total_flow(flows_a, size) - total_flow(flows_b, size)
+        # Eq. 7's two sums computed as sum_i up(phi_A^i - phi_B^i); identical because up is linear
+        flow = total_flow([fa - fb for fa, fb in zip(flows_a, flows_b, strict=True)], size)
         return AlignmentOutput(flow, tuple(flows_a), tuple(flows_b))
 
 
 def total_flow(step_flows: list[Tensor] | tuple[Tensor, ...], size: tuple[int, int]) -> Tensor:
     """Eq. 7: the sum of step flows, each resized to `size` with its vectors rescaled (fp32)."""
     with torch.autocast(device_type=step_flows[0].device.type, enabled=False):
-        total = upsample_flow(step_flows[0].float(), size)
+        total = resize_flow(step_flows[0].float(), size)
         for flow in step_flows[1:]:
-            total = total + upsample_flow(flow.float(), size)
+            total = total + resize_flow(flow.float(), size)
     return total
-
-
-def resize_flow(flow: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize a pixel flow to `size` (either way), rescaling its vectors; antialiased when shrinking.
-
-    Shapes: (N, 2, h, w) -> (N, 2, H, W). Same align-corners units as `warp.upsample_flow`.
-    """
-    h, w = flow.shape[-2:]
-    if size[0] >= h and size[1] >= w:
-        return upsample_flow(flow, size)
-    with torch.autocast(device_type=flow.device.type, enabled=False):
-        out = F.interpolate(flow.float(), size=size, mode="bilinear", align_corners=True, antialias=True)
-        scale = out.new_tensor([(size[1] - 1) / max(w - 1, 1), (size[0] - 1) / max(h - 1, 1)])
-        return out * rearrange(scale, "xy -> 1 xy 1 1")

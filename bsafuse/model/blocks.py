@@ -9,7 +9,7 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from bsafuse.model.speed import channels_last, fast_path, pointwise_then_spatial
+from bsafuse.model.speed import channels_last, pointwise_then_spatial
 
 
 class LayerNorm2d(nn.Module):
@@ -54,10 +54,7 @@ class ChannelAttention(nn.Module):
         q = F.normalize(q.float(), dim=-1)
         k = F.normalize(k.float(), dim=-1)
         attn = torch.softmax(q @ k.transpose(-2, -1) * self.temperature.float(), dim=-1)  # (n, g, c, c)
-        if not fast_path():
-            out = attn.to(v.dtype) @ v  # (n, g, c, hw)
-            return self.project(rearrange(out, "n g c (h w) -> n (g c) h w", h=h, w=w))
-        # the same product transposed, (v^T attn^T), lands in channels_last memory: no copy for one head
+        # attn @ v computed as (v^T attn^T)^T, already in NHWC order; identical as (A V)^T = V^T A^T
         out = v.transpose(-2, -1) @ attn.transpose(-2, -1).to(v.dtype)  # (n, g, hw, c)
         out = rearrange(out, "n g (h w) c -> n h w (g c)", h=h, w=w)
         return self.project(out.permute(0, 3, 1, 2))  # (n, C, h, w) viewing NHWC memory

@@ -6,22 +6,28 @@ whose images live in the fixed image's pixel grid.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from bsafuse._checks import check_shape
 from bsafuse.config import ModelConfig
 from bsafuse.model.align import BidirectionalAlignment
-from bsafuse.model.encoder import ModalityScorer, SharedEncoder, TransferBlock, inject_modality
-from bsafuse.model.fuse import MultimodalFusion
-from bsafuse.model.speed import fast_path
+from bsafuse.model.encoder import (
+    FrozenModalityClassifier,
+    SharedEncoder,
+    TransferBlock,
+    inject_modality,
+    token_map,
+)
+from bsafuse.model.fuse import MultimodalFusion, feature_pyramid
 from bsafuse.warp import warp
+
+if TYPE_CHECKING:
+    from bsafuse.loading import Provenance
 
 
 class FusionOutput(NamedTuple):
@@ -35,7 +41,7 @@ class FusionOutput(NamedTuple):
     flows_fixed: tuple[Tensor, ...]  # K step flows phi_B^i
     logits_moving: Tensor  # (N, 2) encoder modality logits of A (L_ce1 target: class 1)
     logits_fixed: Tensor  # (N, 2) of B (class 0)
-    logits_moving_transfer: Tensor  # (N, 2) frozen-scorer logits of A's transferred tokens (L_ce2)
+    logits_moving_transfer: Tensor  # (N, 2) frozen-classifier logits y'_A of A's transferred tokens (L_ce2)
     logits_fixed_transfer: Tensor  # (N, 2) of B's
 
 
@@ -43,9 +49,9 @@ class BSAFusion(nn.Module):
     """The BSAFusion network (Li et al., AAAI 2025); see SPEC.md section 2.
 
     Choices where the paper and the public code are silent or wrong (SPEC 2a):
-      - the modality scorer is a frozen copy of the encoder's Transformer layers and MLP ("we
+      - the classifier of Eq. 3 is a frozen copy of the encoder's Transformer layers and MLP ("we
         replicate the Transformer layer in the encoder and the MLP"); L_ce2 trains the Transfer
-        blocks through it but never the judge itself;
+        blocks through it but never the classifier itself;
       - FusionBlock i fuses the pre-transfer token maps brought to its scale by the alignment's
         shared up-modules, so fusion adds no parameters beyond its blocks;
       - the reconstruction ends in a 3x3 conv to one channel (paper: "a Restormer, a
@@ -61,54 +67,46 @@ class BSAFusion(nn.Module):
         self.encoder = SharedEncoder(cfg)
         self.transfer_a = TransferBlock(cfg.encoder)
         self.transfer_b = TransferBlock(cfg.encoder)
-        self.scorer = ModalityScorer(cfg)
+        self.scorer = FrozenModalityClassifier(cfg)  # `scorer`: the checkpoint keys' name
         self.align = BidirectionalAlignment(cfg.align)
         self.fuse = MultimodalFusion(cfg)
         self.refresh_modality_scorer()
+        self.provenance: Provenance | None = None  # where the weights came from (set by load_model)
         # NHWC weights: convolutions run without layout round trips (model/speed.py)
         self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (stubs lack it)
 
     def refresh_modality_scorer(self) -> None:
-        """Copy the encoder's Transformer layers and MLP into the frozen scorer (each epoch)."""
+        """Copy the encoder's Transformer layers and MLP into the frozen classifier (each epoch)."""
         self.scorer.refresh(self.encoder)
 
     def forward(self, moving: Tensor, fixed: Tensor) -> FusionOutput:
         """moving, fixed: (N, 1, H, W) in [0, 1], H and W multiples of ``config.stride``."""
         self._check_inputs(moving, fixed)
         size = (moving.shape[-2], moving.shape[-1])
-        enc = self.encoder(torch.cat((moving, fixed), dim=0))  # A rows, then B rows
+        enc = self.encoder(torch.cat((moving, fixed), dim=0))  # A rows, then B rows (it acts per sample)
         tokens_a, tokens_b = enc.tokens.chunk(2, dim=0)  # (N, 1 + P, dim)
         shallow_a, shallow_b = enc.shallow.chunk(2, dim=0)
         logits_a, logits_b = enc.logits.chunk(2, dim=0)
 
-        # Eqs. 2-3: inject the other image's head, transfer, score the result
+        # Eqs. 2-3: inject the other image's MFRH, transfer, classify the result
         moved_a = self.transfer_a(inject_modality(tokens_a, tokens_b[:, 0]))
         moved_b = self.transfer_b(inject_modality(tokens_b, tokens_a[:, 0]))
         scores_a, scores_b = self.scorer(torch.cat((moved_a, moved_b), dim=0)).chunk(2, dim=0)
 
         # Eqs. 4-7: stepwise flows from the transferred token maps
         grid = (size[0] // self.config.stride, size[1] // self.config.stride)
-        alignment = self.align(self._token_map(moved_a, grid), self._token_map(moved_b, grid), size)
+        alignment = self.align(token_map(moved_a, grid), token_map(moved_b, grid), size)
         flow = alignment.flow  # (N, 2, H, W) fp32
 
         # Eq. 10: fuse the features from before the transfer, at every step's scale
-        pyramid = [self._token_map(enc.tokens, grid)]  # A and B as one batch
-        for up in self.align.ups[:-1]:
-            pyramid.append(up(pyramid[-1]))
+        pyramid = feature_pyramid(token_map(enc.tokens, grid), self.align.ups[:-1])  # A, B as one batch
         pyramid_a, pyramid_b = zip(*(level.chunk(2, dim=0) for level in pyramid), strict=True)
         fused = self.fuse(list(pyramid_a), list(pyramid_b), shallow_a, shallow_b, flow)
 
-        # Where the flow samples outside the moving image there is no moving data: take the fixed
-        # image there, or the zeros read outside would become a black wedge with a false edge
-        # (peer tools show them). The mask only switches the source; it does not train the flow.
-        # (The clamp: bilinear weights can sum to 1 + 1 ulp.)
-        if fast_path():  # one resampling pass for the image and its coverage
-            warped, valid = warp(torch.cat((moving, torch.ones_like(moving)), dim=1), flow).chunk(2, dim=1)
-        else:
-            warped, valid = warp(moving, flow), warp(torch.ones_like(moving[:, :1]), flow)
-        valid = valid.clamp(0.0, 1.0)
-        mask = valid.detach()
-        fused = mask * fused.float() + (1 - mask) * fixed.float()  # fp32, also under autocast
+        # W(I_A, phi) and W(1, phi) computed as one warp of both as channels; identical: per-channel sampling
+        warped, valid = warp(torch.cat((moving, torch.ones_like(moving)), dim=1), flow).chunk(2, dim=1)
+        valid = valid.clamp(0.0, 1.0)  # bilinear weights can sum to 1 + 1 ulp
+        fused = keep_fixed_outside(fused, fixed, valid)
         return FusionOutput(
             fused=fused,
             flow=flow,
@@ -121,11 +119,6 @@ class BSAFusion(nn.Module):
             logits_moving_transfer=scores_a,
             logits_fixed_transfer=scores_b,
         )
-
-    @staticmethod
-    def _token_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """(N, 1 + P, dim) tokens -> (N, dim, h, w) map of the patch tokens (class token dropped)."""
-        return rearrange(tokens[:, 1:], "n (h w) d -> n d h w", h=grid[0], w=grid[1])
 
     def _check_inputs(self, moving: Tensor, fixed: Tensor) -> None:
         check_shape(moving, "N 1 H W", name="moving")
@@ -143,19 +136,14 @@ class BSAFusion(nn.Module):
             )
 
     @classmethod
-    def from_checkpoint(
-        cls, checkpoint: str | os.PathLike[str] | dict[str, Any], *, map_location: Any = "cpu"
-    ) -> BSAFusion:
-        """Rebuild a model from a checkpoint file or an already-loaded checkpoint dict.
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> BSAFusion:
+        """Rebuild a model from a checkpoint dict (as `bsafuse.weights.read_checkpoint` returns it).
 
-        The dict holds ``config`` (ModelConfig.to_dict()) and ``state_dict``. Files are read with
-        ``torch.load(weights_only=True)``; half-precision weights are cast to float32. A config
-        that does not fit the state dict raises ValueError (weights.py turns it into WeightsError).
+        The dict holds ``config`` (ModelConfig.to_dict()) and ``state_dict``; half-precision
+        weights are cast to float32. A config that does not fit the state dict raises ValueError
+        (weights.py turns it into WeightsError). Files are read by `bsafuse.weights` (sha256,
+        weights_only=True), never here; `bsafuse.load_model` is the way in for users.
         """
-        if not isinstance(checkpoint, dict):
-            checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
-            if not isinstance(checkpoint, dict):
-                raise ValueError(f"a checkpoint must hold a dict, got {type(checkpoint).__name__}")
         missing = [key for key in ("config", "state_dict") if key not in checkpoint]
         if missing:
             raise ValueError(
@@ -184,9 +172,19 @@ class BSAFusion(nn.Module):
             )
         if problems:
             raise ValueError(f"the checkpoint's state dict does not fit its config: {'; '.join(problems)}")
-        if isinstance(map_location, str | torch.device):
-            model = model.to(map_location)
         return model
+
+
+def keep_fixed_outside(fused: Tensor, fixed: Tensor, valid: Tensor) -> Tensor:
+    """The fused image where the warped moving image has data, the fixed image where it has none.
+
+    Where the flow samples outside the moving image the zeros read there would become a black
+    wedge with a false edge (peer tools show them). `valid` = W(1, phi) in [0, 1] blends the two;
+    it is detached, so it only switches the source and does not train the flow. fp32, also under
+    autocast. Shapes: (N, 1, H, W) each.
+    """
+    mask = valid.detach()
+    return mask * fused.float() + (1 - mask) * fixed.float()
 
 
 @contextmanager

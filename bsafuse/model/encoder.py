@@ -3,10 +3,12 @@
 A = moving (CT/PET/SPECT), B = fixed (MRI). One encoder is shared by A and B (both run as one
 batch): Restormer layer 1 gives the shallow features F'_A, F'_B (sent straight to fusion);
 Restormer layer 2, a learned positional map, a patch tokeniser and Transformer layers give the
-patch tokens F_A, F_B plus a modality head token f_A, f_B (the class token, position 0). The MLP
-`ModalityHead` classifies the head tokens (L_ce1). Eq. 2 adds the *other* image's head token to
-every patch token; TransferA / TransferB (not shared) then remove what modality is left, judged
-by a frozen copy of the encoder's Transformer layers and MLP (the `ModalityScorer`, L_ce2).
+patch tokens F_A, F_B plus the modality feature representation heads (MFRH) f_A, f_B: one
+learned token per image at position 0, a class token in ViT terms. The MLP
+`ModalityClassifier` predicts y_A, y_B from the MFRHs (Eq. 1, L_ce1). Eq. 2 adds the *other*
+image's MFRH to every patch token; TransferA / TransferB (not shared) then remove what modality
+is left, judged by a frozen copy of the encoder's Transformer layers and MLP (the
+`FrozenModalityClassifier`, Eq. 3, L_ce2).
 """
 
 from __future__ import annotations
@@ -22,27 +24,27 @@ from bsafuse.config import EncoderConfig, ModelConfig
 from bsafuse.model.blocks import PatchTokens, RestormerBlock, TransformerLayer
 
 
-class ModalityHead(nn.Module):
-    """MFRH classifier: MLP on a modality head token, (N, dim) -> (N, 2) logits (Eq. 1)."""
+class ModalityClassifier(nn.Module):
+    """The MLP behind the encoder: an MFRH f -> modality logits y, (N, dim) -> (N, 2) (Eq. 1)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 2))
 
-    def forward(self, head: Tensor) -> Tensor:
-        return self.mlp(head)
+    def forward(self, mfrh: Tensor) -> Tensor:
+        return self.mlp(mfrh)
 
 
 class EncodedPair(NamedTuple):
     """What the encoder gives for a stacked batch of images (A rows first, then B rows)."""
 
     shallow: Tensor  # (N, C', H, W)  F' of Restormer layer 1
-    tokens: Tensor  # (N, 1 + P, dim)  class token at position 0, then the P patch tokens
-    logits: Tensor  # (N, 2)  modality logits of the class token
+    tokens: Tensor  # (N, 1 + P, dim)  the MFRH f at position 0, then the P patch tokens F
+    logits: Tensor  # (N, 2)  modality logits y of the MFRH (Eq. 1)
 
 
 class SharedEncoder(nn.Module):
-    """The encoder both images go through (Restormer x2, tokens, Transformer layers, MLP)."""
+    """The encoder both images go through (Restormer x2, tokens + MFRH, Transformer layers, MLP)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -56,11 +58,11 @@ class SharedEncoder(nn.Module):
         # learned positional map at the working size; resized for other input sizes
         self.position = nn.Parameter(torch.zeros(1, enc.token_channels, cfg.image_size, cfg.image_size))
         self.tokenise = PatchTokens(enc.token_channels, enc.dim, enc.patch)
-        self.class_token = nn.Parameter(torch.zeros(1, 1, enc.dim))
+        self.class_token = nn.Parameter(torch.zeros(1, 1, enc.dim))  # the MFRH before the layers
         self.layers = nn.ModuleList(
             [TransformerLayer(enc.dim, heads=enc.heads, mlp_dim=enc.mlp_dim) for _ in range(enc.depth)]
         )
-        self.classifier = ModalityHead(enc.dim, enc.classifier_dim)
+        self.classifier = ModalityClassifier(enc.dim, enc.classifier_dim)
         nn.init.trunc_normal_(self.position, std=0.02)
         nn.init.trunc_normal_(self.class_token, std=0.02)
 
@@ -74,19 +76,25 @@ class SharedEncoder(nn.Module):
         deep = self.deep(shallow)  # (N, 3, H, W)
         deep = deep + self.positional_map(*deep.shape[-2:]).to(deep.dtype)
         patches = self.tokenise(deep)  # (N, P, dim)
-        tokens = torch.cat((self.class_token.expand(len(patches), -1, -1).to(patches.dtype), patches), dim=1)
+        mfrh = self.class_token.expand(len(patches), -1, -1).to(patches.dtype)  # (N, 1, dim)
+        tokens = torch.cat((mfrh, patches), dim=1)
         for layer in self.layers:
-            tokens = layer(tokens)  # (N, 1 + P, dim)
+            tokens = layer(tokens)  # (N, 1 + P, dim): [f, F]
         return EncodedPair(shallow, tokens, self.classifier(tokens[:, 0]))
 
 
-def inject_modality(tokens: Tensor, other_head: Tensor) -> Tensor:
-    """Eq. 2: add the *other* image's modality head to every patch token.
+def token_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The reshaped patch tokens: (N, 1 + P, dim) -> (N, dim, h, w), the MFRH dropped; grid = (h, w)."""
+    return rearrange(tokens[:, 1:], "n (h w) d -> n d h w", h=grid[0], w=grid[1])
 
-    tokens: (N, 1 + P, dim) with the image's own head at position 0 (left as it is);
-    other_head: (N, dim). Returns (N, 1 + P, dim).
+
+def inject_modality(tokens: Tensor, other_mfrh: Tensor) -> Tensor:
+    """Eq. 2: add the *other* image's MFRH to every patch token.
+
+    tokens: (N, 1 + P, dim) with the image's own MFRH at position 0 (left as it is);
+    other_mfrh: (N, dim). Returns (N, 1 + P, dim).
     """
-    patches = tokens[:, 1:] + rearrange(other_head, "n d -> n 1 d")
+    patches = tokens[:, 1:] + rearrange(other_mfrh, "n d -> n 1 d")
     return torch.cat((tokens[:, :1], patches), dim=1)
 
 
@@ -106,11 +114,12 @@ class TransferBlock(nn.Module):
         return self.layers(tokens)  # (N, 1 + P, dim)
 
 
-class ModalityScorer(nn.Module):
-    """Frozen copy of the encoder's Transformer layers and MLP that scores transferred tokens (Eq. 3).
+class FrozenModalityClassifier(nn.Module):
+    """The replicated Transformer layers and MLP that classify transferred tokens (Eq. 3): y'_A, y'_B.
 
-    Its parameters never train: L_ce2 must change the Transfer blocks, not the judge. The trainer
-    re-copies the encoder into it after every epoch (`refresh`), as the authors do.
+    A frozen copy of the encoder's: its parameters never train, since L_ce2 must change the
+    Transfer blocks, not the classifier that judges them. The trainer re-copies the encoder into it
+    after every epoch (`refresh`), as the authors do.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -119,7 +128,7 @@ class ModalityScorer(nn.Module):
         self.layers = nn.ModuleList(
             [TransformerLayer(enc.dim, heads=enc.heads, mlp_dim=enc.mlp_dim) for _ in range(enc.depth)]
         )
-        self.classifier = ModalityHead(enc.dim, enc.classifier_dim)
+        self.classifier = ModalityClassifier(enc.dim, enc.classifier_dim)
         self.requires_grad_(False)
 
     @torch.no_grad()
@@ -131,4 +140,4 @@ class ModalityScorer(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         for layer in self.layers:
             tokens = layer(tokens)
-        return self.classifier(tokens[:, 0])  # (N, 2), read at the class token's position 0
+        return self.classifier(tokens[:, 0])  # (N, 2), read at the MFRH's position 0

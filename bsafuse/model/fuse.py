@@ -1,22 +1,38 @@
 """MMFF: multimodal feature fusion (paper Eq. 10) and the reconstruction.
 
 A = moving, B = fixed. FusionBlock i works at step i's scale on
-concat(W(F_A^i, phi at that scale), F_B^i, G^(i-1)) and brings the result up x2 (G^0 is empty).
-F_A^i, F_B^i are the encoder's token maps *before* transfer (they keep each modality's content),
-brought to step i's scale by the alignment's shared up-modules. The reconstruction takes
-concat(G^J, F'_B, W(F'_A, phi)) through a Restormer block, a 3x3 conv and a sigmoid.
+concat(W(F^_A^i, phi at that scale), F^_B^i, G^(i-1)) and brings the result up x2 (G^0 is empty).
+F^_A^i, F^_B^i (`feature_pyramid`) are the encoder's token maps *before* transfer (they keep each
+modality's content), brought to step i's scale by the alignment's shared up-modules. The
+reconstruction takes concat(G^J, F'_B, W(F'_A, phi)) through a Restormer block, a 3x3 conv and a
+sigmoid.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from bsafuse.config import ModelConfig
-from bsafuse.model.align import resize_flow, upsample2
+from bsafuse.model.align import upsample2
 from bsafuse.model.blocks import RestormerBlock
 from bsafuse.model.speed import channels_last
-from bsafuse.warp import warp
+from bsafuse.warp import resize_flow, warp
+
+
+def feature_pyramid(maps: Tensor, ups: Iterable[Callable[[Tensor], Tensor]]) -> list[Tensor]:
+    """Eq. 10's inputs F^_A^i, F^_B^i: the token maps at each FusionBLK's scale, coarse to fine.
+
+    maps: (N, dim, h, w) pre-transfer token maps (A and B rows may be stacked); ups: the
+    alignment's shared up-modules (Eq. 6's up2, here without a warp), one per further level.
+    Returns 1 + len(ups) maps, level i at (h * 2**i, w * 2**i).
+    """
+    pyramid = [maps]
+    for up in ups:
+        pyramid.append(up(pyramid[-1]))
+    return pyramid
 
 
 class FusionBlock(nn.Module):
@@ -71,10 +87,11 @@ class MultimodalFusion(nn.Module):
         shallow_b: Tensor,
         flow: Tensor,
     ) -> Tensor:
-        """pyramid_*: K-1 maps, coarse to fine; shallow_*: (N, C', H, W); flow: (N, 2, H, W)."""
+        """pyramid_*: K-1 maps F^_*^i, coarse to fine; shallow_*: (N, C', H, W); flow: (N, 2, H, W)."""
         g: Tensor | None = None
         for block, feat_a, feat_b in zip(self.blocks, pyramid_a, pyramid_b, strict=True):
-            aligned_a = channels_last(warp(feat_a, resize_flow(flow, (feat_a.shape[-2], feat_a.shape[-1]))))
+            size = (feat_a.shape[-2], feat_a.shape[-1])
+            aligned_a = channels_last(warp(feat_a, resize_flow(flow, size, antialias=True)))  # Eq. 10's W
             parts = (aligned_a, feat_b) if g is None else (aligned_a, feat_b, g)
             g = block(torch.cat(parts, dim=1))
         assert g is not None

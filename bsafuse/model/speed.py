@@ -1,8 +1,9 @@
-"""The fast path of the network: exact rewrites of the plain transcription, and the switch to compare.
+"""Op-level exact rewrites that the model's forward methods call.
 
-Every rewrite here computes the same function as the plain code it replaces (up to float rounding,
-checked within 1e-4 on whole-network outputs and gradients by tests/test_perf_equivalence.py); the
-parameters, their names and the checkpoints are unchanged, so training works on either path.
+Each helper computes the same function as the plain operation it stands for (up to float
+rounding), with the same parameters, so checkpoints and training are unaffected. The plain
+transcription of the network lives in model/reference.py; tests/test_perf_equivalence.py checks
+the two agree within 1e-4 on whole-network outputs and gradients.
 
 - *Composed 1x1 -> 3x3 convolutions.* Each Restormer branch is a 1x1 conv (C -> M) followed by a
   grouped 3x3 conv (M -> M). Both are linear, so they are one 3x3 conv C -> M whose kernel is the
@@ -10,46 +11,27 @@ parameters, their names and the checkpoints are unchanged, so training works on 
   fewer multiply-adds (the network's heaviest layers, at full resolution). The 1x1 conv's bias
   would be zero-padded at the image border by the 3x3 conv: it rides along as an extra all-ones
   input channel, which the 3x3 conv pads with zeros just the same, so borders stay exact.
-- *1x1 conv before the x2 resize.* A 1x1 conv commutes with bilinear resizing (whose weights sum
-  to 1), so the feature and state up-modules run it at the low resolution: 4x fewer multiply-adds.
 - *channels_last.* Convolutions, the channel LayerNorm and bilinear resizes run on NHWC memory
   without layout round trips (oneDNN's native layout on CPUs, tensor cores' on GPUs).
+- *InstanceNorm as GroupNorm.* One group per channel is the same normalisation, and group_norm
+  keeps NHWC memory where instance_norm would copy to NCHW.
 
-``with reference_path():`` switches every rewrite off (the plain transcription runs), for the
-equivalence tests and the before/after benchmarks.
+The forward methods' other exact rewrites are commented where they are used: a 1x1 conv before
+rather than after an x2 bilinear resize (they commute, as bilinear weights sum to 1: 4x fewer
+multiply-adds), shared-weight branches run as one batch, the channel-attention product
+transposed, the flows resized once as differences, one warp for the image and its coverage.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_FAST: ContextVar[bool] = ContextVar("bsafuse_fast_path", default=True)
-
-
-def fast_path() -> bool:
-    """Whether the rewrites of this module are on (the default)."""
-    return _FAST.get()
-
-
-@contextlib.contextmanager
-def reference_path() -> Iterator[None]:
-    """Run the plain transcription of the network inside this block (tests and benchmarks)."""
-    token = _FAST.set(False)
-    try:
-        yield
-    finally:
-        _FAST.reset(token)
-
 
 def channels_last(x: Tensor) -> Tensor:
-    """`x` in channels_last memory on the fast path (a no-op when it already is), as is otherwise."""
-    if not fast_path() or x.ndim != 4:
+    """A 4-D `x` in channels_last memory (a no-op when it already is); other tensors as they are."""
+    if x.ndim != 4:
         return x
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -75,10 +57,10 @@ def composed_kernel(pointwise: nn.Conv2d, spatial: nn.Conv2d) -> Tensor:
 def pointwise_then_spatial(x: Tensor, pointwise: nn.Conv2d, spatial: nn.Conv2d) -> Tensor:
     """``spatial(pointwise(x))`` for a 1x1 conv followed by a (grouped) conv with zero padding.
 
-    On the fast path: one conv of [x, ones] with the composed kernel (see the module docstring).
-    Shapes: (N, C, H, W) -> (N, O, H, W).
+    Computed as one conv of [x, ones] with the composed kernel (see the module docstring); other
+    layer pairs run as they are. Shapes: (N, C, H, W) -> (N, O, H, W).
     """
-    if not fast_path() or pointwise.kernel_size != (1, 1) or spatial.padding_mode != "zeros":
+    if pointwise.kernel_size != (1, 1) or spatial.padding_mode != "zeros":
         return spatial(pointwise(x))
     ones = x.new_ones((x.shape[0], 1, *x.shape[-2:]))
     stacked = torch.cat((x, ones), dim=1)  # (N, C + 1, H, W); zero-padded like pointwise(x) is
@@ -95,6 +77,6 @@ def pointwise_then_spatial(x: Tensor, pointwise: nn.Conv2d, spatial: nn.Conv2d) 
 
 def instance_norm(x: Tensor, norm: nn.InstanceNorm2d) -> Tensor:
     """`norm(x)` for a stateless InstanceNorm2d, as a per-channel group norm that keeps NHWC memory."""
-    if not fast_path() or norm.affine or norm.track_running_stats:
+    if norm.affine or norm.track_running_stats:
         return norm(x)
     return F.group_norm(x, x.shape[1], eps=norm.eps)
