@@ -97,9 +97,9 @@ class Runner:
         report: Path | None,
     ) -> FuseReport:
         from bsafuse.device import pick_device
-        from bsafuse.sharding import current_shard, device_for
+        from bsafuse.torchrun import device_for, placement
 
-        shard = current_shard()
+        shard = placement()
         self.device = device_for(shard, self.device)
         self._rank = shard.rank
         if not shard.is_main:
@@ -138,9 +138,9 @@ class Runner:
             for i, (m, f) in enumerate(pairs)
             if shard.owns(i)
         ]
-        from bsafuse.sharding import Summary
+        from bsafuse.torchrun import ProcessGroup
 
-        summary = Summary(shard, self.device)
+        summary = ProcessGroup(shard, self.device)
         try:
             outcomes = self._run_jobs(jobs, overwrite=overwrite)
             gathered = summary.gather([(i, o.to_dict()) for i, o in outcomes])

@@ -14,9 +14,10 @@ Presets:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from bsafuse.typed_dicts import build, plain
 
 
 def _positive(owner: str, **values: int | float) -> None:
@@ -175,55 +176,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists, not tuples), safe for checkpoints and JSON."""
-
-        def plain(value: Any) -> Any:
-            if isinstance(value, dict):
-                return {k: plain(v) for k, v in value.items()}
-            if isinstance(value, tuple | list):
-                return [plain(v) for v in value]
-            return value
-
-        result: dict[str, Any] = plain(dataclasses.asdict(self))
+        result: dict[str, Any] = plain(self)
         return result
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; unknown or mistyped keys raise ValueError."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a model config must be a dict, got {type(data).__name__}")
-        subs = {"encoder": EncoderConfig, "align": AlignConfig, "fuse": FuseConfig}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in subs:
-                kwargs[key] = _build(subs[key], value, where=f"config.{key}")
-            else:
-                kwargs[key] = value
-        config: ModelConfig = _build(cls, kwargs, where="config")
-        return config
-
-
-def _build(kind: Any, data: Any, *, where: str) -> Any:
-    """Instantiate dataclass `kind` from a dict, checking keys and value types against the defaults."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a dict, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}; expected some of {sorted(fields)}")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        f = fields[key]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if isinstance(default, tuple):
-            if not isinstance(value, list | tuple):
-                raise ValueError(f"{where}.{key} must be a list, got {value!r}")
-            value = tuple(value)
-        elif isinstance(default, bool | int) and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"{where}.{key} must be an integer, got {value!r}")
-        elif isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError(f"{where}.{key} must be a number, got {value!r}")
-        values[key] = value
-    return kind(**values)
+        """Inverse of `to_dict`; unknown or mistyped keys raise ValueError (an InputError)."""
+        return build(cls, data, where="config")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""Folder runs: the streaming pipeline (bounded, ordered, overlapping) and torchrun sharding."""
+"""Folder runs: the streaming pipeline (bounded, ordered, overlapping) and torchrun sharding.
+
+The placement rules themselves (shards, devices, cores) are tested in test_torchrun.py.
+"""
 
 from __future__ import annotations
 
@@ -15,39 +18,9 @@ import pytest
 
 from bsafuse.errors import InputError
 from bsafuse.pipeline import stream
-from bsafuse.sharding import Shard, current_shard
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 CT, MRI = EXAMPLES / "CT-MRI" / "CT", EXAMPLES / "CT-MRI" / "MRI"
-
-
-# ---------------------------------------------------------------------------------- shards
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_shards_are_disjoint_and_cover_every_pair(world: int) -> None:
-    owners = [[rank for rank in range(world) if Shard(rank, world).owns(i)] for i in range(11)]
-    assert owners == [[i % world] for i in range(11)]
-
-
-def test_the_shard_comes_from_torchruns_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in {"RANK": "4", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3"}.items():
-        monkeypatch.setenv(name, value)
-    shard = current_shard()
-    assert shard == Shard(rank=4, world_size=6, local_rank=1, local_world_size=3)
-    assert shard.enabled and not shard.is_main and shard.owns(10) and not shard.owns(11)
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert current_shard() == Shard()
-
-
-def test_contradictory_torchrun_variables_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RANK", "2")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(InputError, match=r"RANK=2 must be in \[0, WORLD_SIZE=2\)"):
-        current_shard()
-    monkeypatch.setenv("RANK", "one")
-    with pytest.raises(InputError, match="are not integers"):
-        current_shard()
 
 
 # -------------------------------------------------------------------------------- pipeline

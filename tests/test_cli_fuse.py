@@ -252,14 +252,6 @@ def test_output_never_overwrites_an_input(tmp_path: Path, tiny_checkpoint: Path)
     assert fixed.read_bytes() == before
 
 
-def test_auto_weights_say_none_are_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bsafuse import weights
-
-    monkeypatch.setattr(weights, "REGISTRY", {})
-    result = run("fuse", CT / "20010.png", MRI / "20010.png", "-o", tmp_path / "f.png")
-    assert_one_line_error(result, "--weights auto chose 'ct-mri'", "--weights path/to/best.pt")
-
-
 def test_usage_errors_exit_2(tmp_path: Path, tiny_checkpoint: Path) -> None:
     result = fuse(
         CT / "20010.png", MRI / "20010.png", tmp_path / "f.png", tiny_checkpoint, "--prealign", "bspline"

@@ -42,8 +42,16 @@ def test_fuse_volume(tmp_path: Path, tiny_checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("pair", ["PET-MRI", "SPECT-MRI"])
-def test_bundled_pairs_are_complete(pair: str) -> None:
-    moving = EXAMPLES / "data" / pair / pair.split("-")[0]
-    fixed = EXAMPLES / "data" / pair / "MRI"
-    assert sorted(p.name for p in moving.iterdir()) == sorted(p.name for p in fixed.iterdir())
-    assert (EXAMPLES / "README.md").read_text().count("K. A. Johnson") == 1
+def test_bundled_colour_pairs_read_as_colour_moving_and_grey_fixed(pair: str) -> None:
+    # The README's colour examples rely on the reader: pseudo-colour PET/SPECT is colour (fused
+    # through Y, colour output), the MRI is grey, and both are in one 256 x 256 grid.
+    from bsafuse.io import read_image
+
+    moving_dir = EXAMPLES / "data" / pair / pair.split("-")[0]
+    names = sorted(p.name for p in moving_dir.glob("*.png"))
+    assert names
+    for name in names:
+        moving, fixed = read_image(moving_dir / name), read_image(EXAMPLES / "data" / pair / "MRI" / name)
+        assert moving.is_colour and moving.pixels.shape == (256, 256, 3), name
+        assert not fixed.is_colour and fixed.pixels.shape == (256, 256), name
+        assert float(moving.pixels.min()) >= 0 and float(moving.pixels.max()) <= 1

@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from bsafuse import weights
 from bsafuse.api import fuse, load_model
-from bsafuse.loading import choose
 from bsafuse.cli import app
 from bsafuse.io import read_image
+from bsafuse.loading import choose
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"

@@ -1,4 +1,4 @@
-"""`bsafuse train`: train BSAFusion on a data folder of aligned pairs (SPEC sections 3, 6 and 7).
+"""`bsafuse train`: train BSAFusion on a data folder of aligned pairs (design.md §3, §6 and §7).
 
 The command parses options into a TrainConfig, runs bsafuse.training.Trainer and renders its
 progress on stderr. Ctrl-C (or SIGTERM, as schedulers and torchrun send) stops at the next step
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,8 +17,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
+from bsafuse.choices import Precision
 from bsafuse.cli._common import err, handle_errors
-from bsafuse.cli.fuse import PrecisionChoice
+from bsafuse.training.presets import ModelSize, Preset
 
 if TYPE_CHECKING:
     from bsafuse.training import TrainConfig, Trainer, TrainEvent
@@ -29,21 +29,13 @@ HELP = (
     "Train BSAFusion on DATA_DIR (MRI/ plus one of CT/, PET/, SPECT/ holding same-named aligned "
     "images) and write config.json, metrics.csv, last.pt and best.pt into RUN_DIR.\n\n"
     "--preset paper is the paper's recipe (Adam 5e-5 cosine to 5e-7, batch 32, 3000 epochs, 256 px); "
-    "--preset quick trains the small model at 64 px in minutes on a CPU. Options override the preset. "
-    "Resume a killed or stopped run with --resume RUN_DIR/last.pt. Several GPUs or nodes: "
+    "--preset quick trains the small model at 64 px in minutes on a CPU; --preset residual is the "
+    "recipe of the shipped v2 weights (with --init). --config-file FILE.toml overrides the preset "
+    "(\\[recipe] and \\[run] tables, as in a run's config.json), and options override the file. "
+    "Resume a killed or stopped run with --resume RUN_DIR/last.pt (it keeps its recipe; --epochs "
+    "and the run settings may change). Several GPUs or nodes: "
     "torchrun --nproc_per_node N -m bsafuse train ... (batch size is the global batch)."
 )
-
-
-class PresetName(str, Enum):
-    quick = "quick"
-    paper = "paper"
-    residual = "residual"
-
-
-class ModelName(str, Enum):
-    paper = "paper"
-    small = "small"
 
 
 @handle_errors
@@ -51,7 +43,9 @@ def train(
     data_dir: Annotated[
         Path | None,
         typer.Argument(
-            help="Data folder (MRI/ + CT/, PET/ or SPECT/); optional with --resume.", show_default=False
+            help="Data folder (MRI/ + CT/, PET/ or SPECT/); optional with --resume or a config file "
+            "that names run.data_dir.",
+            show_default=False,
         ),
     ] = None,
     output: Annotated[
@@ -63,12 +57,21 @@ def train(
             show_default=False,
         ),
     ] = None,
-    preset: Annotated[
-        PresetName, typer.Option(help="Recipe whose values the other options override.")
-    ] = PresetName.paper,
+    preset: Annotated[Preset, typer.Option(help="Recipe that the config file and options override.")] = "paper",
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config-file",
+            exists=True,
+            dir_okay=False,
+            help="TOML file of settings over the preset: \\[recipe] (e.g. epochs, lr, \\[recipe.losses], "
+            "\\[recipe.deform], \\[recipe.augment]) and \\[run] (e.g. device, workers).",
+            show_default=False,
+        ),
+    ] = None,
     config: Annotated[
-        ModelName | None,
-        typer.Option("--config", help="Model size (quick: small, paper: paper).", show_default=False),
+        ModelSize | None,
+        typer.Option("--config", help="Model size (quick, residual: small; paper: paper).", show_default=False),
     ] = None,
     epochs: Annotated[
         int | None, typer.Option(help="Epochs in all (a resumed run may raise it).", show_default=False)
@@ -76,13 +79,16 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Global batch size.", show_default=False)] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="Initial learning rate (cosine decay to lr/100 at most).", show_default=False),
+        typer.Option(
+            help="Initial learning rate; cosine decay to the preset's lr_min (paper 5e-7, quick 1e-5).",
+            show_default=False,
+        ),
     ] = None,
     device: Annotated[
         str | None, typer.Option("--device", "-d", help="auto, cpu, cuda or cuda:N.", show_default=False)
     ] = None,
     precision: Annotated[
-        PrecisionChoice | None, typer.Option(help="fp32, or bf16 autocast (CUDA only).", show_default=False)
+        Precision | None, typer.Option(help="fp32, or bf16 autocast (CUDA only).", show_default=False)
     ] = None,
     workers: Annotated[
         int | None, typer.Option(help="DataLoader worker processes.", show_default=False)
@@ -140,75 +146,82 @@ def train(
         typer.Option(help="Clip the gradient norm to this value (paper: no clipping, quick: 20).", show_default=False),
     ] = None,
 ) -> None:
+    from bsafuse.torchrun import ProcessGroup, placement
     from bsafuse.training import Trainer
-    from bsafuse.training.distributed import setup, teardown
 
-    overrides: dict[str, Any] = {
-        "model": config.value if config else None,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "device": device,
-        "precision": precision.value if precision else None,
-        "workers": workers,
-        "seed": seed,
-        "val_cases": tuple(c for c in val_cases.split(",") if c.strip()) if val_cases is not None else None,
-        "val_fraction": val_fraction,
-        "val_every": val_every,
-        "image_size": image_size,
-        "pair": pair,
-        "loss_weights": {"flow": flow_weight} if flow_weight is not None else None,
-        "grad_clip": grad_clip,
-        "init": init,
+    options: dict[str, Any] = {  # a layer over the preset and the file; None: not given
+        "recipe": {
+            "model": config,
+            "image_size": image_size,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "grad_clip": grad_clip,
+            "losses": {"flow": flow_weight},
+            "seed": seed,
+            "init": init,
+            "pair": pair,
+            "val_cases": [c for c in val_cases.split(",") if c.strip()] if val_cases is not None else None,
+            "val_fraction": val_fraction,
+        },
+        "run": {
+            "data_dir": str(data_dir) if data_dir is not None else None,
+            "run_dir": str(output) if output is not None else None,
+            "device": device,
+            "precision": precision,
+            "workers": workers,
+            "val_every": val_every,
+        },
     }
-    cfg, state = _configure(data_dir, output, preset.value, resume, overrides)
+    cfg, state = configure(preset, config_file, resume, options)
     cfg = _fit_workers(cfg)
-    dist = setup(cfg.device)
-    try:
-        trainer = Trainer(cfg, dist=dist, resume=state)
-        view = _ProgressView() if dist.is_main else None
+    with ProcessGroup.for_training(placement(), cfg.run.device) as group:
+        trainer = Trainer(cfg, group=group, resume=state)
+        view = _ProgressView() if group.place.is_main else None
         trainer.callback = view
         with _stop_on_signals(trainer) as caught, view or contextlib.nullcontext():
             result = trainer.fit()
-    finally:
-        teardown(dist)
     if result.stopped:
         raise typer.Exit(code=128 + (caught[0] if caught else signal.SIGINT))
 
 
-def _configure(
-    data_dir: Path | None, output: Path | None, preset: str, resume: str | None, overrides: dict[str, Any]
+def configure(
+    preset: Preset, config_file: Path | None, resume: str | None, options: dict[str, Any]
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """The run's TrainConfig, and the checkpoint dict to resume from (None for a fresh run)."""
+    """The run's TrainConfig (preset < config file < options) and the checkpoint dict to resume
+    from (None for a fresh run). A resumed run starts from its stored config instead of the preset."""
     from bsafuse.training import TrainConfig, read_resume
+    from bsafuse.training.config import read_config_file
+    from bsafuse.typed_dicts import merge
 
+    layer = merge(read_config_file(config_file) if config_file else {}, options)
+    run_dir = layer.get("run", {}).get("run_dir")
     if resume == "auto":
-        resume = str(output / "last.pt") if output is not None and (output / "last.pt").is_file() else None
+        last = Path(run_dir) / "last.pt" if run_dir is not None else None
+        resume = str(last) if last is not None and last.is_file() else None
     if resume is not None:
         stored, state = read_resume(resume)
-        return stored.resumed_with(
-            data_dir=str(data_dir) if data_dir else None,
-            run_dir=str(output or Path(resume).parent),
-            **overrides,
-        ), state
-    if data_dir is None or output is None:
+        where = {"run": {"run_dir": run_dir or str(Path(resume).parent)}}
+        return stored.resumed_with(layer, where), state
+    if not {"data_dir", "run_dir"} <= set(layer.get("run", {})):
         raise typer.BadParameter("give DATA_DIR and -o RUN_DIR (or --resume RUN_DIR/last.pt)")
-    return TrainConfig.preset(preset, data_dir=data_dir, run_dir=output, **overrides), None  # type: ignore[arg-type]
+    return TrainConfig.preset(preset, layer), None
 
 
 def _fit_workers(cfg: TrainConfig) -> TrainConfig:
     """More loader processes than CPU cores only compete with training: cap them, with a note."""
     import dataclasses
-    import os
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cfg.workers <= cores:
+    from bsafuse.torchrun import available_cores
+
+    cores = available_cores()
+    if cfg.run.workers <= cores:
         return cfg
     err.print(
-        f"note: --workers {cfg.workers} is more than this machine's {cores} CPU cores; using {cores}",
+        f"note: --workers {cfg.run.workers} is more than this machine's {cores} CPU cores; using {cores}",
         soft_wrap=True,
     )
-    return dataclasses.replace(cfg, workers=cores)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, workers=cores))
 
 
 @contextlib.contextmanager

@@ -201,11 +201,12 @@ def _training_val_cases(provenance: Provenance | None, names: list[str]) -> list
             f"--val-cases auto needs a checkpoint written by `bsafuse train`; {path or 'the model'} holds no "
             "training config. Name the cases instead, e.g. --val-cases 16,20"
         )
-    if config.get("val_cases"):
-        return [str(c) for c in config["val_cases"]]
-    _, val = data_mod.split_by_case(
-        names, val_fraction=float(config.get("val_fraction", 0.15)), seed=int(config.get("seed", 0))
-    )
+    from bsafuse.training.config import recipe_of
+
+    recipe = recipe_of(config)
+    if recipe.val_cases:
+        return [str(c) for c in recipe.val_cases]
+    _, val = data_mod.split_by_case(names, val_fraction=recipe.val_fraction, seed=recipe.seed)
     if not val:
         raise WeightsError("--val-cases auto: the checkpoint's training run had no validation cases")
     return sorted({data_mod.case_of(n) for n in val}, key=lambda c: (len(c), c))

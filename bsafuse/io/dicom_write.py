@@ -9,7 +9,7 @@ Modality is `like`'s, so reading the file back picks the same intensity defaults
 from __future__ import annotations
 
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,7 @@ def write_dicom(
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.SeriesDescription = description or "bsafuse output"
     ds.SoftwareVersions = f"bsafuse {__version__}"
-    ds.ContentDate = datetime.now(timezone.utc).strftime("%Y%m%d")
+    ds.ContentDate = datetime.now(UTC).strftime("%Y%m%d")
     ds.Rows, ds.Columns = image.shape[-2:]
     ordered = _geometry(ds, image)
     if image.is_colour:

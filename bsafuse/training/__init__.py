@@ -4,14 +4,51 @@
     config = TrainConfig.preset("quick", data_dir="data/CT-MRI", run_dir="runs/ct-mri")
     result = Trainer(config, callback=print).fit()   # writes runs/ct-mri/{config.json,metrics.csv,last.pt,best.pt}
 
-Modules: config (TrainConfig, presets), trainer (the loop), validation (scores per epoch),
-run_files (checkpoints, metrics.csv, config.json), distributed (torchrun process groups).
+Modules, each importing only those above it:
+
+    presets      the named recipes (paper, quick, residual) and the model sizes (torch-free)
+    typed_dicts  plain dicts <-> dataclass trees, checked against the type hints
+    config       TrainConfig = Recipe + RunSettings; layers (TOML file, options); the flat layout
+    objective    L_total of a batch under the run's precision; epoch sums
+    validation   validate(model, items, ...): the scores of each validated epoch
+    network      the run's network: fresh, fine-tuned (--init) or resumed
+    run_data     the pairs, the split by case, the loader
+    state        the training state in checkpoints; the optimiser and its schedule
+    run_files    the run folder: config.json, metrics.csv; read_resume
+    trainer      the epoch loop
+
+torchrun (process groups, devices, cores) is bsafuse.torchrun, shared with folder runs of `fuse`.
+The names below are imported lazily, so `import bsafuse.training.presets` does not load torch.
 """
 
 from __future__ import annotations
 
-from bsafuse.training.config import PRESETS, TrainConfig
-from bsafuse.training.run_files import read_resume
-from bsafuse.training.trainer import FitResult, Trainer, TrainEvent
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["PRESETS", "FitResult", "TrainConfig", "TrainEvent", "Trainer", "read_resume"]
+if TYPE_CHECKING:
+    from bsafuse.training.config import Recipe, RunSettings, TrainConfig
+    from bsafuse.training.presets import PRESETS
+    from bsafuse.training.run_files import read_resume
+    from bsafuse.training.trainer import FitResult, Trainer, TrainEvent
+
+__all__ = ["PRESETS", "FitResult", "Recipe", "RunSettings", "TrainConfig", "TrainEvent", "Trainer", "read_resume"]
+
+_HOMES = {
+    "PRESETS": "bsafuse.training.presets",
+    "Recipe": "bsafuse.training.config",
+    "RunSettings": "bsafuse.training.config",
+    "TrainConfig": "bsafuse.training.config",
+    "read_resume": "bsafuse.training.run_files",
+    "FitResult": "bsafuse.training.trainer",
+    "TrainEvent": "bsafuse.training.trainer",
+    "Trainer": "bsafuse.training.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'bsafuse.training' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(home), name)

@@ -1,196 +1,272 @@
-"""TrainConfig: everything a training run needs, with the paper's recipe and a quick CPU preset.
+"""TrainConfig: one typed tree, the recipe (what is trained) and the run settings (where it runs).
 
-`paper` is the recipe of SPEC section 3 (Adam 5e-5 with cosine decay to 5e-7, batch 32, 3000
-epochs, lambda 0.5, mu updated every epoch) at the trained size, 256 px.
+    TrainConfig
+      recipe   Recipe: model, image_size, epochs, batch_size, lr, lr_min, grad_clip, seed, init,
+               pair, val_cases, val_fraction, losses (config.LossWeights), deform (deform.DeformParams,
+               amplitudes for 256 px), augment (Augmentation)
+      run      RunSettings: data_dir, run_dir, device, precision, workers, val_every
 
-`quick` trains the `small` model at 64 px so that a run on the Harvard CT-MRI pairs (133 pairs,
-116 of them for training with the default split) ends within 15 minutes on a 2-core CPU
-(15 steps of 8 pairs per epoch, 110 epochs of about 7 s), with a validation registration error (mean
-end-point error against the ground truth) below the error of not registering at all. It is a
-demonstration and a smoke test of the whole pipeline, not a model to fuse real images with.
-What makes registration learn in that budget (measured on CT-MRI, 2026-11/12):
+A resumed run keeps its recipe (it may only raise `epochs`) and may change any run setting
+(`resumed_with`). Every value is checked when the tree is built (InputError, a ValueError, naming
+the setting's path and its command-line option).
 
-- the supervised end-point term (LossWeights.flow = 5): with the paper's unsupervised terms
-  alone the validation error stayed at the no-registration level after 65 epochs at 1e-4, and
-  learning rates of 5e-4 and more pushed the moving image out of view (where the fused image
-  falls back to the MRI, the fusion losses are content);
-- a learning rate of 1e-3 (cosine to 1e-5) with the gradient norm clipped at 20: with the flow
-  term it is stable, and the flow starts to track the deformation after ~200 steps at 128 px.
+Layers: `TrainConfig.preset(name, *layers)` lays partial dicts over a preset, later ones winning;
+`bsafuse train` passes the --config-file (TOML, `read_config_file`) and then its options, so
+options override the file and the file overrides the preset. On disk (config.json, checkpoints)
+the tree is `to_dict()`, nested as above; `from_dict` and every layer also take the flat layout
+earlier runs wrote (one key per setting, `loss_weights`, `deform` holding flip and rot90).
 
-Deformation amplitudes are given for 256 px and scaled to the working size (data.scaled_deform),
-and so is the flow heads' bound (trainer.model_config), so a quick run sees the misalignment the
-paper recipe sees, relative to the anatomy.
+The presets (paper, quick, residual) are presets.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
+from bsafuse.choices import Precision
 from bsafuse.config import LossWeights
 from bsafuse.deform import DeformParams
-from bsafuse.device import Precision
 from bsafuse.errors import InputError
+from bsafuse.training.presets import PRESETS, ModelSize, Preset
+from bsafuse.typed_dicts import build, merge, plain
 
-Preset = Literal["quick", "paper", "residual"]
-MODEL_CONFIGS = ("paper", "small")
-PRECISIONS = ("fp32", "bf16")
-# Options a resumed run may change; everything else must stay as the run was started.
-RESUMABLE = frozenset({"epochs", "workers", "device", "precision", "val_every", "data_dir", "run_dir"})
+MU_INIT = 1.0  # mu of the first epoch, before any epoch's SSIM sums exist (not a setting)
+# Settings of the flat layout that are constants now: accepted at these values only.
+RETIRED = {"mu_init": MU_INIT, "quality_metrics": True}
+# The `bsafuse train` option of each setting that has one (named in messages).
+OPTIONS = {
+    "recipe.model": "--config",
+    "recipe.image_size": "--image-size",
+    "recipe.epochs": "--epochs",
+    "recipe.batch_size": "--batch-size",
+    "recipe.lr": "--lr",
+    "recipe.grad_clip": "--grad-clip",
+    "recipe.losses.flow": "--flow-weight",
+    "recipe.seed": "--seed",
+    "recipe.init": "--init",
+    "recipe.pair": "--pair",
+    "recipe.val_cases": "--val-cases",
+    "recipe.val_fraction": "--val-fraction",
+    "run.data_dir": "DATA_DIR",
+    "run.run_dir": "--output",
+    "run.device": "--device",
+    "run.precision": "--precision",
+    "run.workers": "--workers",
+    "run.val_every": "--val-every",
+}
 
 
-def _training_deform() -> dict[str, Any]:
-    return dataclasses.asdict(DeformParams.training())
+def _check(ok: bool, path: str, value: object, want: str) -> None:
+    if not ok:
+        option = f" ({OPTIONS[path]})" if path in OPTIONS else ""
+        raise InputError(f"{path}{option} {value!r} is not valid; {want}")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """A training run. Paths are stored as strings so the config travels in checkpoints and JSON."""
+class Augmentation:
+    """Applied to both images of a training pair alike (never to the validation items)."""
 
-    data_dir: str
-    run_dir: str
-    pair: str | None = None  # e.g. "ct-mri": picks DATA_DIR/CT-MRI when DATA_DIR holds pair folders
-    model: str = "paper"  # ModelConfig preset: "paper" or "small"
+    flip: bool = True  # a random horizontal flip
+    rot90: bool = True  # a random multiple of 90 degrees
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What is trained; a resumed run keeps all of it but `epochs`."""
+
+    model: ModelSize = "paper"
     image_size: int = 256  # px, working size (a multiple of 16)
     epochs: int = 3000
     batch_size: int = 32  # global: split across processes under torchrun
     lr: float = 5e-5
     lr_min: float = 5e-7  # cosine decay over all epochs ends here
-    loss_weights: dict[str, Any] = field(
-        default_factory=dict
-    )  # LossWeights fields to change (lambda = inten)
-    mu_init: float = 1.0  # mu of the first epoch (before any epoch's SSIM sums exist)
     grad_clip: float | None = None  # max gradient norm; None: no clipping (the paper's recipe)
-    val_cases: tuple[str, ...] | None = None
-    val_fraction: float = 0.15  # share of cases held out when val_cases is not given
-    val_every: int = 10  # epochs between validations (the last epoch always validates)
-    quality_metrics: bool = True  # also compute Q_AB/F at validation (numpy, a little slower)
-    seed: int = 0
-    workers: int = 2  # DataLoader worker processes per training process
-    device: str = "auto"
-    precision: Precision = "fp32"
-    deform: dict[str, Any] = field(default_factory=_training_deform)  # DeformParams fields, for 256 px
+    losses: LossWeights = field(default_factory=LossWeights)  # lambda of Eq. 14 is losses.inten
+    # Misalignment amplitudes for 256 px (scaled to image_size); flip and rot90 are `augment`'s.
+    deform: DeformParams = field(default_factory=DeformParams)
+    augment: Augmentation = field(default_factory=Augmentation)
+    seed: int = 0  # of the split, the deformations and the initial weights
     # Fine-tune from these weights (registry name or checkpoint path) with a fresh optimiser and
     # schedule; the network's structure comes from them, the working size from image_size.
     init: str | None = None
+    pair: str | None = None  # e.g. "ct-mri": picks DATA_DIR/CT-MRI when DATA_DIR holds pair folders
+    val_cases: tuple[str, ...] | None = None  # validation cases; None: drawn with val_fraction
+    val_fraction: float = 0.15  # share of cases held out when val_cases is not given
 
     def __post_init__(self) -> None:
-        def bad(option: str, value: object, want: str) -> InputError:
-            return InputError(f"{option} {value!r} is not valid; {want}")
+        if self.val_cases is not None:
+            object.__setattr__(self, "val_cases", tuple(self.val_cases))
+        for name, kind in (("losses", LossWeights), ("deform", DeformParams), ("augment", Augmentation)):
+            value = getattr(self, name)
+            _check(isinstance(value, kind), f"recipe.{name}", value, f"use a {kind.__name__}")
+        sizes = get_args(ModelSize)
+        _check(self.model in sizes, "recipe.model", self.model, f"use {' or '.join(sizes)}")
+        size_ok = self.image_size >= 16 and self.image_size % 16 == 0
+        _check(size_ok, "recipe.image_size", self.image_size, "use a multiple of 16 (e.g. 128 or 256)")
+        _check(self.epochs >= 1, "recipe.epochs", self.epochs, "use 1 or more")
+        _check(self.batch_size >= 1, "recipe.batch_size", self.batch_size, "use 1 or more")
+        _check(0 <= self.lr_min, "recipe.lr_min", self.lr_min, "use 0 or more")
+        lr_ok = math.isfinite(self.lr) and self.lr > 0 and self.lr >= self.lr_min
+        want_lr = f"use a positive learning rate of at least lr_min ({self.lr_min:g})"
+        _check(lr_ok, "recipe.lr", self.lr, want_lr)
+        clip = self.grad_clip
+        clip_ok = clip is None or (math.isfinite(clip) and clip > 0)
+        _check(clip_ok, "recipe.grad_clip", clip, "use a positive gradient norm")
+        _check(self.seed >= 0, "recipe.seed", self.seed, "use a seed >= 0")
+        _check(0 <= self.val_fraction < 1, "recipe.val_fraction", self.val_fraction, "use a share in [0, 1)")
+        for name in ("flip", "rot90"):
+            on = getattr(self.deform, name)
+            _check(not on, f"recipe.deform.{name}", on, f"augmentation is set as recipe.augment.{name}")
 
-        if self.model not in MODEL_CONFIGS:
-            raise bad("--config", self.model, f"use one of {', '.join(MODEL_CONFIGS)}")
-        if self.image_size < 16 or self.image_size % 16:
-            raise bad("--image-size", self.image_size, "use a multiple of 16 (e.g. 128 or 256)")
-        if self.epochs < 1:
-            raise bad("--epochs", self.epochs, "use 1 or more")
-        if self.batch_size < 1:
-            raise bad("--batch-size", self.batch_size, "use 1 or more")
-        if not (math.isfinite(self.lr) and self.lr > 0) or not (0 <= self.lr_min <= self.lr):
-            raise bad("--lr", self.lr, f"use a positive learning rate at least lr_min ({self.lr_min})")
-        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
-            raise bad("--grad-clip", self.grad_clip, "use a positive gradient norm")
-        if self.val_every < 1:
-            raise bad("--val-every", self.val_every, "use 1 or more")
-        if self.workers < 0:
-            raise bad("--workers", self.workers, "use 0 (load in the training process) or more")
-        if self.seed < 0:
-            raise bad("--seed", self.seed, "use a seed >= 0")
-        if self.precision not in PRECISIONS:
-            raise bad("--precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
-        if not 0 <= self.val_fraction < 1:
-            raise bad("--val-fraction", self.val_fraction, "use a share in [0, 1)")
-        try:
-            LossWeights(**self.loss_weights)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"loss weights are not valid: {exc}") from None
-        try:
-            DeformParams(**self.deform)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"deformation settings are not valid: {exc}") from None
+    @property
+    def training_deform(self) -> DeformParams:
+        """What data.MisalignedPairs takes: the deformation amplitudes with the augmentation."""
+        return dataclasses.replace(self.deform, flip=self.augment.flip, rot90=self.augment.rot90)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how this run executes; a resumed run may change any of it."""
+
+    data_dir: str  # paths are strings, so the config travels in checkpoints and JSON
+    run_dir: str
+    device: str = "auto"
+    precision: Precision = "fp32"
+    workers: int = 2  # DataLoader worker processes per training process
+    val_every: int = 10  # epochs between validations (the last epoch always validates)
+
+    def __post_init__(self) -> None:
+        kinds = get_args(Precision)
+        _check(self.precision in kinds, "run.precision", self.precision, f"use {' or '.join(kinds)}")
+        _check(self.workers >= 0, "run.workers", self.workers, "use 0 (load in the training process) or more")
+        _check(self.val_every >= 1, "run.val_every", self.val_every, "use 1 or more")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: its recipe and its run settings."""
+
+    recipe: Recipe
+    run: RunSettings
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.recipe, Recipe), "recipe", self.recipe, "use a Recipe")
+        _check(isinstance(self.run, RunSettings), "run", self.run, "use a RunSettings")
 
     @classmethod
     def preset(
-        cls, name: Preset, *, data_dir: str | Path, run_dir: str | Path, **overrides: Any
+        cls,
+        name: Preset,
+        *layers: Mapping[str, Any] | None,
+        data_dir: str | Path | None = None,
+        run_dir: str | Path | None = None,
     ) -> TrainConfig:
-        """The `paper` or `quick` recipe, with any field overridden (None values are ignored)."""
+        """Preset `name` with each layer laid over it (later layers win; None values are not given).
+
+        A layer is a partial config dict, nested or flat; `data_dir` and `run_dir` come last.
+        """
         if name not in PRESETS:
             raise InputError(f"--preset {name!r} is not valid; use one of {', '.join(PRESETS)}")
-        values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(data_dir=str(data_dir), run_dir=str(run_dir), **values)
-
-    @property
-    def losses(self) -> LossWeights:
-        """The loss weights: the paper's (lambda = 0.5), with `loss_weights` applied."""
-        return LossWeights(**self.loss_weights)
-
-    @property
-    def deform_params(self) -> DeformParams:
-        return DeformParams(**self.deform)
+        paths = {"run": {"data_dir": _str(data_dir), "run_dir": _str(run_dir)}}
+        return cls.from_dict(merge(PRESETS[name], *map(nested, layers), paths))
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["val_cases"] = list(self.val_cases) if self.val_cases is not None else None
+        """The nested layout: plain dicts and lists, safe for JSON and checkpoints."""
+        data: dict[str, Any] = plain(self)
+        for name in ("flip", "rot90"):  # always off here: augmentation is recipe.augment
+            del data["recipe"]["deform"][name]
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if values.get("val_cases") is not None:
-            values["val_cases"] = tuple(values["val_cases"])
-        return cls(**values)
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; also reads the flat layout; left-out settings take their defaults."""
+        return build(cls, merge({"recipe": {}}, nested(data)))
 
-    def resumed_with(self, **overrides: Any) -> TrainConfig:
-        """This (stored) config with the options a resumed run may change; others must match."""
-        given = {k: v for k, v in overrides.items() if v is not None}
+    def resumed_with(self, *layers: Mapping[str, Any] | None) -> TrainConfig:
+        """This (stored) config with layers laid over it; the recipe may change only its epochs."""
+        resumed = TrainConfig.from_dict(merge(self.to_dict(), *map(nested, layers)))
         clashes = [
-            f"--{k.replace('_', '-')} {given[k]} (the run has {getattr(self, k)})"
-            for k in sorted(given)
-            if k not in RESUMABLE and given[k] != getattr(self, k)
+            f"{path}{f' ({OPTIONS[path]})' if path in OPTIONS else ''} to {new!r} (the run has {old!r})"
+            for path, old, new in _differences("recipe", plain(self.recipe), plain(resumed.recipe))
+            if path != "recipe.epochs"
         ]
         if clashes:
             raise InputError(
                 f"cannot change {'; '.join(clashes)} when resuming; resume without them, "
                 "or start a new run in another folder"
             )
-        return dataclasses.replace(self, **{k: v for k, v in given.items() if k in RESUMABLE})
+        return resumed
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The dataclass defaults are the paper's recipe. Misaligning one 256 px pair costs about 90 ms
-    # of one CPU core, so a GPU needs several loader processes to be kept busy at batch 32.
-    "paper": {"workers": 8},
-    "quick": {
-        "model": "small",
-        "loss_weights": {"flow": 5.0},  # see LossWeights.flow: registration learns in CPU minutes
-        "image_size": 64,
-        "epochs": 110,
-        "batch_size": 8,
-        "lr": 1e-3,
-        "lr_min": 1e-5,
-        "grad_clip": 20.0,
-        "val_every": 5,
-        "workers": 0,
-    },
-    # The recipe of the shipped v2 weights: fine-tune (--init) the small network at 256 px on the
-    # misalignment that rigid pre-alignment leaves. Measured on 15 deformed training pairs per
-    # type (default deformation, 2026-12-01): rigid leaves a mean end-point error of 5.0 px (CT),
-    # 4.1 px (PET) and 8.9 px (SPECT), 95th percentile 7-13 px; this deformation is about that size.
-    "residual": {
-        "model": "small",
-        "loss_weights": {"flow": 5.0},
-        "image_size": 256,
-        "epochs": 20,
-        "batch_size": 8,
-        "lr": 5e-4,
-        "lr_min": 1e-5,
-        "grad_clip": 20.0,
-        "val_every": 4,
-        "workers": 0,
-        "deform": {**_training_deform(), "rotate_deg": 4.0, "translate_px": 5.0, "scale": 0.04},
-    },
-}
+def nested(layer: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A (partial) config dict in the nested layout; a flat one, as older runs wrote, is converted."""
+    if not layer:
+        return {}
+    if set(layer) <= {"recipe", "run"}:
+        return dict(layer)
+    if set(layer) & {"recipe", "run"}:
+        raise InputError(
+            f"a training config is either nested (recipe, run) or flat, not both: got {', '.join(layer)}"
+        )
+    sections = {"recipe": _names(Recipe), "run": _names(RunSettings)}
+    tree: dict[str, dict[str, Any]] = {"recipe": {}, "run": {}}
+    for key, value in layer.items():
+        if key == "loss_weights":
+            tree["recipe"]["losses"] = value
+        elif key == "deform" and isinstance(value, Mapping):
+            tree["recipe"]["deform"] = {k: v for k, v in value.items() if k not in ("flip", "rot90")}
+            tree["recipe"]["augment"] = {k: v for k, v in value.items() if k in ("flip", "rot90")}
+        elif key in RETIRED:
+            if value != RETIRED[key]:
+                fixed = f"{key} = {RETIRED[key]!r}"
+                raise InputError(f"{key} {value!r} is no longer a setting; training uses {fixed}")
+        else:
+            section = next((s for s, names in sections.items() if key in names), None)
+            if section is None:
+                raise InputError(f"the training config has no setting {key!r}")
+            tree[section][key] = value
+    return tree
+
+
+def recipe_of(stored: Mapping[str, Any]) -> Recipe:
+    """The recipe of a stored training config in either layout (a checkpoint's train["config"]),
+    e.g. for the validation split of the run that wrote a checkpoint."""
+    return build(Recipe, nested(stored).get("recipe", {}), where="recipe")
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML config file (nested with [recipe], [run] tables, or flat) as a layer."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise InputError(f"cannot read the config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path} is not a valid TOML file: {exc}") from None
+    try:
+        return nested(data)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def _differences(path: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """(path, old, new) of every leaf where two plain trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in old for d in _differences(f"{path}.{key}", old[key], new.get(key))]
+    return [] if old == new else [(path, old, new)]
+
+
+def _names(kind: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(kind)}
+
+
+def _str(path: str | Path | None) -> str | None:
+    return None if path is None else str(path)

@@ -1,15 +1,8 @@
 """The files of a run folder: config.json, metrics.csv, last.pt and best.pt.
 
-Checkpoints go through `bsafuse.weights.save_checkpoint` (temporary file + os.replace, so a kill
-never leaves a truncated file) in the one format `bsafuse fuse --weights` reads. The training
-state rides along as plain data (`torch.load(weights_only=True)` reads it):
-
-    epoch       completed epochs (the epoch counter continues from here)
-    step        optimizer steps already taken in epoch `epoch` + 1 (0 at an epoch boundary;
-                more after a Ctrl-C mid-epoch)
-    optimizer, scheduler, mu, rng, metrics (the last epoch's row and the best validation EPE)
-    train       {"config": TrainConfig.to_dict(), "partial": sums of the unfinished epoch,
-                 "world_size": processes that wrote it}
+config.json records the run: {"train": TrainConfig.to_dict() (the nested recipe/run tree),
+"model": ModelConfig.to_dict(), "data": the folders and the split, world_size, device, ...}.
+Checkpoints (last.pt, best.pt) and the training state they carry are state.py's.
 """
 
 from __future__ import annotations
@@ -104,7 +97,7 @@ def read_resume(path: str | os.PathLike[str]) -> tuple[TrainConfig, dict[str, An
             "it can be used with --weights, but not resumed"
         )
     try:
-        config = TrainConfig.from_dict(train["config"])
-    except (TypeError, ValueError) as exc:
+        config = TrainConfig.from_dict(train["config"])  # the nested layout, or the flat one of older runs
+    except ValueError as exc:
         raise InputError(f"{path} has a training config this bsafuse cannot read: {exc}") from None
     return config, data

@@ -10,27 +10,26 @@ numbers compare across epochs. Reported (means over the validation items, workin
                   or the aligned label exceeds FOREGROUND), where registration has something to see
     val_ncc       NCC of the warped moving image with the aligned label (val_ncc_none: unwarped)
     val_q_abf     Q_AB/F of the fused image against the label and the fixed image (0-255, as the
-                  paper scores it), when config.quality_metrics is on
+                  paper scores it)
     val_total     the training loss on the validation items (with the current mu)
 
-Under torchrun each process scores its share of the items and the sums are added.
+Under torchrun each process scores its share of the items and `reduce` adds the sums.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from bsafuse.metrics import endpoint_error, ncc, q_abf
-from bsafuse.training.distributed import all_sum
+from bsafuse.training.objective import Objective, Reduce, single_process, summed
 
 FOREGROUND = 0.05  # intensity in [0, 1] above which a pixel is anatomy, not background
-
-if TYPE_CHECKING:
-    from bsafuse.training.trainer import Trainer
 
 VAL_COLUMNS = (
     "val_epe",
@@ -48,18 +47,27 @@ def _grey255(x: torch.Tensor) -> np.ndarray:
     return x[0].float().cpu().numpy().astype(np.float64) * 255.0
 
 
-def validate(trainer: Trainer, *, mu: float) -> dict[str, Any]:
-    """Score the model on this process's validation items; sums over all processes."""
-    model, device, items = trainer.model, trainer.device, trainer.val_items
-    keys = ("count", *VAL_COLUMNS)
-    sums = dict.fromkeys(keys, 0.0)
+def validate(
+    model: torch.nn.Module,
+    items: Mapping[str, Tensor],
+    *,
+    objective: Objective,
+    mu: float,
+    batch_size: int,
+    reduce: Reduce = single_process,
+) -> dict[str, Any]:
+    """Score `model` on this process's validation `items` (data.MisalignedPairs.materialise).
+
+    Returns the metrics.csv columns VAL_COLUMNS: means over the items of every process.
+    """
+    sums = dict.fromkeys(("count", *VAL_COLUMNS), 0.0)
     n_items = len(items["moving"]) if items else 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, n_items, trainer.local_batch):
-            batch = {k: v[start : start + trainer.local_batch].to(device) for k, v in items.items()}
-            out, _, terms = trainer.forward_loss(model, batch, mu=mu)
+        for start in range(0, n_items, batch_size):
+            batch = {k: v[start : start + batch_size].to(objective.device) for k, v in items.items()}
+            out, _, terms = objective(model, batch, mu=mu)
             n = batch["moving"].shape[0]
             sums["count"] += n
             sums["val_total"] += float(terms["total"]) * n
@@ -74,17 +82,12 @@ def validate(trainer: Trainer, *, mu: float) -> dict[str, Any]:
                 label = _grey255(batch["label"][i])
                 sums["val_ncc"] += _finite(ncc(_grey255(out.warped[i]), label))
                 sums["val_ncc_none"] += _finite(ncc(_grey255(batch["moving"][i]), label))
-                if trainer.config.quality_metrics:
-                    sums["val_q_abf"] += _finite(
-                        q_abf(_grey255(out.fused[i]), label, _grey255(batch["fixed"][i]))
-                    )
+                fused, fixed = _grey255(out.fused[i]), _grey255(batch["fixed"][i])
+                sums["val_q_abf"] += _finite(q_abf(fused, label, fixed))
     model.train(was_training)
-    totals = all_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64), trainer.dist).tolist()
-    count = max(totals[0], 1.0)
-    row: dict[str, Any] = {k: v / count for k, v in zip(VAL_COLUMNS, totals[1:], strict=True)}
-    if not trainer.config.quality_metrics:
-        row["val_q_abf"] = None
-    return row
+    totals = summed(sums, reduce)
+    count = max(totals.pop("count"), 1.0)
+    return {k: totals[k] / count for k in VAL_COLUMNS}
 
 
 def _finite(value: float) -> float:

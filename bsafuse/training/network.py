@@ -1,0 +1,80 @@
+"""The network of a training run: built fresh from the seed, fine-tuned from weights, or resumed.
+
+Model initialisation draws from a generator forked off the run's seed (`seed_of`), never from the
+caller's global random state, so two runs with one seed start from the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from bsafuse import data as data_mod
+from bsafuse.config import ModelConfig
+from bsafuse.data import REFERENCE_SIZE
+from bsafuse.model import BSAFusion
+from bsafuse.training.config import ModelSize, Recipe
+from bsafuse.weights import load_checkpoint
+
+INIT_STREAM, EPOCH_STREAM = 3, 4  # seed_of streams (data.py uses 0-2 for its own generators)
+
+
+def seed_of(*parts: int) -> int:
+    """A torch seed made from (seed, stream, epoch, index)-style parts alone."""
+    return int(data_mod.item_generator(*parts).initial_seed())
+
+
+def model_config(name: ModelSize, image_size: int) -> ModelConfig:
+    """The `paper` or `small` ModelConfig, built for `image_size`.
+
+    The flow heads' bound (AlignConfig.max_step, pixels per step at that step's scale) scales with
+    the working size, so the largest correctable offset keeps the share of the image it has at
+    256 px (62 px): about 15 px at 64 px. With the full 62 px at a small size, one large update
+    of a coarse flow head can move the whole moving image out of view, where the warp reads only
+    zeros and L_consis has no gradient left to bring it back (training collapses for good).
+    """
+    base = ModelConfig.paper() if name == "paper" else ModelConfig.small()
+    assert base.image_size == REFERENCE_SIZE  # the presets are the 256 px networks
+    return _resized(base, image_size)
+
+
+def initial_model(weights: str, image_size: int) -> BSAFusion:
+    """The network of `weights` (registry name or path), rebuilt for `image_size`, for fine-tuning.
+
+    The structure (channels, heads, depths) is the checkpoint's; the working size and the flow
+    heads' bound follow `image_size` as in `model_config`. The learned positional map is resized
+    to the new working size (bilinear, as the encoder itself does for other input sizes).
+    """
+    from bsafuse.weights import read_checkpoint, resolve
+
+    data = read_checkpoint(resolve(weights))
+    model = BSAFusion(_resized(ModelConfig.from_dict(data["config"]), image_size))
+    state = dict(data["state_dict"])
+    for name, tensor in model.state_dict().items():
+        if name in state and state[name].shape != tensor.shape and name.endswith("position"):
+            state[name] = torch.nn.functional.interpolate(
+                state[name].float(), size=tensor.shape[-2:], mode="bilinear", align_corners=False
+            ).to(tensor.dtype)
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+    return model
+
+
+def run_model(recipe: Recipe, resume: Mapping[str, Any] | None = None) -> BSAFusion:
+    """The run's network: the checkpoint's when resuming, else from `recipe.init`, else fresh."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_of(recipe.seed, INIT_STREAM, 0, 0))
+        if resume is not None:
+            return load_checkpoint(dict(resume))
+        if recipe.init is not None:
+            return initial_model(recipe.init, recipe.image_size)
+        return BSAFusion(model_config(recipe.model, recipe.image_size))
+
+
+def _resized(config: ModelConfig, image_size: int) -> ModelConfig:
+    """`config` at another working size, its flow heads' bound scaled alike."""
+    k = image_size / config.image_size
+    align = dataclasses.replace(config.align, max_step=config.align.max_step * k)
+    return dataclasses.replace(config, image_size=image_size, align=align)
