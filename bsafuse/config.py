@@ -42,7 +42,6 @@ class EncoderConfig:
     shallow_heads: int = 1
     token_channels: int = 3  # channels of Restormer layer 2, fed to the tokeniser
     token_heads: int = 1
-    patch: int = 16  # side of the square patch behind one token (must be 2**(K-1))
     dim: int = 256  # W' in the paper: length of a token
     heads: int = 4  # attention heads of the Transformer layers
     mlp_dim: int = 256  # hidden width of the Transformer MLPs
@@ -55,7 +54,6 @@ class EncoderConfig:
             "EncoderConfig",
             shallow_channels=self.shallow_channels,
             token_channels=self.token_channels,
-            patch=self.patch,
             dim=self.dim,
             heads=self.heads,
             mlp_dim=self.mlp_dim,
@@ -125,12 +123,7 @@ class ModelConfig:
             if not isinstance(sub, kind):
                 raise ValueError(f"ModelConfig.{name} must be a {kind.__name__}, got {type(sub).__name__}")
         _positive("ModelConfig", image_size=self.image_size, ffn_expansion=self.ffn_expansion)
-        stride = 2 ** (self.align.steps - 1)
-        if self.encoder.patch != stride:
-            raise ValueError(
-                f"ModelConfig: encoder.patch ({self.encoder.patch}) must equal 2**(K-1) = {stride} "
-                f"for K = {self.align.steps} registration steps, so tokens sit at the coarsest step"
-            )
+        stride = self.stride
         if self.image_size % stride:
             raise ValueError(f"ModelConfig: image_size ({self.image_size}) must be a multiple of {stride}")
         if self.align.channels[0] != self.encoder.dim:
@@ -146,7 +139,8 @@ class ModelConfig:
 
     @property
     def stride(self) -> int:
-        """Inputs must be multiples of this many pixels (2**(K-1))."""
+        """Inputs must be multiples of this many pixels (2**(K-1)); also the side of the square
+        patch behind one token, so that the tokens sit at the coarsest registration step."""
         return 2 ** (self.align.steps - 1)
 
     @classmethod
@@ -181,7 +175,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; unknown or mistyped keys raise ValueError (an InputError)."""
+        """Inverse of `to_dict`; unknown or mistyped keys raise ValueError (an InputError).
+
+        Checkpoints written before the patch size was derived carry ``encoder.patch``; it is
+        accepted where it equals the derived `stride` (it always did: the config refused others).
+        """
+        encoder = data.get("encoder") if isinstance(data, dict) else None
+        if isinstance(encoder, dict) and "patch" in encoder:
+            encoder = {k: v for k, v in encoder.items() if k != "patch"}
+            config = build(cls, {**data, "encoder": encoder}, where="config")
+            if data["encoder"]["patch"] != config.stride:
+                raise ValueError(
+                    f"config.encoder.patch ({data['encoder']['patch']}) must equal 2**(K-1) = {config.stride}"
+                )
+            return config
         return build(cls, data, where="config")
 
 

@@ -13,7 +13,7 @@ from bsafuse.config import AlignConfig, EncoderConfig, FuseConfig, LossWeights, 
 def test_paper_preset_has_the_authors_sizes() -> None:
     cfg = ModelConfig.paper()
     assert cfg.image_size == 256 and cfg.stride == 16
-    assert cfg.encoder.dim == 256 and cfg.encoder.patch == 16 and cfg.encoder.heads == 4
+    assert cfg.encoder.dim == 256 and cfg.encoder.heads == 4
     assert cfg.encoder.shallow_channels == 8 and cfg.encoder.token_channels == 3
     assert cfg.align.channels == (256, 64, 32, 16, 8) and cfg.align.steps == 5
     assert cfg.fuse.channels == (64, 32, 16, 12)
@@ -65,10 +65,6 @@ def test_replace_keeps_validation() -> None:
         ),
         (lambda: ModelConfig(ffn_expansion=0), r"ffn_expansion must be positive"),
         (
-            lambda: ModelConfig(encoder=EncoderConfig(patch=8)),
-            r"encoder.patch \(8\) must equal 2\*\*\(K-1\) = 16",
-        ),
-        (
             lambda: ModelConfig(align=AlignConfig(channels=(128, 64, 32, 16, 8))),
             r"align.channels\[0\] \(128\) must equal encoder.dim \(256\)",
         ),
@@ -81,6 +77,15 @@ def test_replace_keeps_validation() -> None:
 def test_bad_values_raise_value_error_naming_them(build: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()  # type: ignore[operator]
+
+
+def test_checkpoints_that_stored_the_patch_size_still_load() -> None:
+    stored = ModelConfig.paper().to_dict()
+    assert "patch" not in stored["encoder"]  # derived: the stride 2**(K-1)
+    legacy = {**stored, "encoder": {**stored["encoder"], "patch": 16}}
+    assert ModelConfig.from_dict(legacy) == ModelConfig.paper()
+    with pytest.raises(ValueError, match=r"encoder.patch \(8\) must equal 2\*\*\(K-1\) = 16"):
+        ModelConfig.from_dict({**stored, "encoder": {**stored["encoder"], "patch": 8}})
 
 
 def test_from_dict_refuses_unknown_and_mistyped_keys() -> None:

@@ -57,7 +57,7 @@ class SharedEncoder(nn.Module):
         )
         # learned positional map at the working size; resized for other input sizes
         self.position = nn.Parameter(torch.zeros(1, enc.token_channels, cfg.image_size, cfg.image_size))
-        self.tokenise = PatchTokens(enc.token_channels, enc.dim, enc.patch)
+        self.tokenise = PatchTokens(enc.token_channels, enc.dim, cfg.stride)
         self.class_token = nn.Parameter(torch.zeros(1, 1, enc.dim))  # the MFRH before the layers
         self.layers = nn.ModuleList(
             [TransformerLayer(enc.dim, heads=enc.heads, mlp_dim=enc.mlp_dim) for _ in range(enc.depth)]
