@@ -7,8 +7,9 @@ not load torch.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from bsafuse._lazy import lazy_attributes
 from bsafuse._version import __version__
 
 # The library logs (warnings such as the registration guard's) and never prints: without a
@@ -33,10 +34,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'bsafuse' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(home), name)
+__getattr__ = lazy_attributes(__name__, _HOMES)

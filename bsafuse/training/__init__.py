@@ -23,7 +23,9 @@ The names below are imported lazily, so `import bsafuse.training.presets` does n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bsafuse._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from bsafuse.training.config import Recipe, RunSettings, TrainConfig
@@ -45,10 +47,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'bsafuse.training' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(home), name)
+__getattr__ = lazy_attributes(__name__, _HOMES)
