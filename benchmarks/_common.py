@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/bench_x.py` without installing
     sys.path.insert(0, str(REPO))
 
-PUBLIC = {  # the authors' public implementation on the project's 2-core reference machine (SPEC 2a)
+PUBLIC = {  # the authors' public implementation on the project's 2-core reference machine (design.md §2a)
     "latency_b1_s": 0.54,
     "pairs_per_s_b8": 1.2,
     "train_step_b2_s": 3.4,

@@ -12,7 +12,7 @@ write_image("fused.png", result.fused, like=fixed)
 Files and folders (reading, pairing, writing outputs, torchrun) are `bsafuse.batch.fuse_files`,
 one layer up; this module works on arrays and MedicalImages only.
 
-How a pair is handled (SPEC 1 and 5):
+How a pair is handled (design.md §1 and §5):
 
 - *Grids.* Everything happens in the fixed image's pixel grid. A moving image of another size is
   brought there first: a volume (or a 2-D image with real geometry) is resampled in world
@@ -164,7 +164,7 @@ def _fuse_slices(
     mov_in = warp(mov, base) if pre is not None else mov
     fused_t, net_flow = _network(model, mov_in, fix, precision)
     flow = compose_flows(base, net_flow) if pre is not None else net_flow  # total, pixels
-    # The network must never leave a pair less similar than the pre-alignment did (SPEC 5).
+    # The network must never leave a pair less similar than the pre-alignment did (design.md §5).
     dropped = _network_worse(mov, mov_in, fix, flow) if guard else torch.zeros(len(mov), dtype=torch.bool)
     if dropped.any():
         with identity_registration(model):

@@ -5,7 +5,7 @@ fusion). Every value is checked in ``__post_init__`` (ValueError), and the whole
 in each checkpoint as ``to_dict()``, so ``BSAFusion.from_checkpoint`` can rebuild the network.
 
 Presets:
-    ``ModelConfig.paper()``: the sizes of the authors' implementation (SPEC 2a): 9,878,122
+    ``ModelConfig.paper()``: the sizes of the authors' implementation (design.md §2a): 9,878,122
     parameters, all counted (9,019,752 trained, 858,370 in the frozen copy of the modality
     classifier; the learned positional map included; no buffers), 27.0 GFLOPs per 256 x 256 pair.
     ``ModelConfig.small()``: the same structure with fewer channels, heads and a shorter token,
@@ -145,7 +145,7 @@ class ModelConfig:
 
     @classmethod
     def paper(cls) -> ModelConfig:
-        """The sizes of the authors' implementation (SPEC 2a)."""
+        """The sizes of the authors' implementation (design.md §2a)."""
         return cls()
 
     @classmethod

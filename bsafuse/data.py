@@ -1,7 +1,7 @@
-"""Training data: aligned pairs from a data folder, misaligned on the fly (SPEC sections 4 and 7).
+"""Training data: aligned pairs from a data folder, misaligned on the fly (design.md §4 and §7).
 
 A data folder holds `MRI/` (the fixed images, B) and one more sub-folder, the moving modality
-(`CT/`, `PET/` or `SPECT/`, A), with same-named images, exactly as ../shared/data/harvard/CT-MRI.
+(`CT/`, `PET/` or `SPECT/`, A), with same-named images, exactly as tests/data/harvard/CT-MRI.
 A folder holding several such pair folders (`CT-MRI/`, `PET-MRI/`, ...) is accepted with `pair=`.
 Colour moving images (PET/SPECT pseudo-colour) are reduced to their Y channel (BT.601, the
 network's input); an RGB fixed image is refused.
@@ -57,7 +57,7 @@ def case_of(name: str) -> str:
 
 
 def find_pair_folder(data_dir: Path, pair: str | None = None) -> tuple[Path, Path]:
-    """(moving folder, fixed folder) of a data folder laid out as SPEC section 7."""
+    """(moving folder, fixed folder) of a data folder laid out as design.md §7."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise InputError(f"data folder {data_dir} does not exist or is not a folder")

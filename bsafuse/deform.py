@@ -1,4 +1,4 @@
-"""Random misalignments with a known answer: rigid + elastic deformations (SPEC section 4).
+"""Random misalignments with a known answer: rigid + elastic deformations (design.md §4).
 
 Convention (the flow convention itself lives in warp.py):
 
@@ -9,7 +9,7 @@ Convention (the flow convention itself lives in warp.py):
   elastic part ``E(q) = q + e(q)``: ``T(p) = R(p) + e(R(p))``.
 - The *ground-truth registration flow* ``flow_true`` undoes it: ``warp(deformed, flow_true) ~= image``,
   i.e. ``flow_true(p) = T^-1(p) - p = R^-1(E^-1(p)) - p``. The rigid inverse is exact; ``E^-1`` comes
-  from :func:`bsafuse.warp.invert_flow` (fixed-point iteration, SPEC section 4). This is the flow a
+  from :func:`bsafuse.warp.invert_flow` (fixed-point iteration, design.md §4). This is the flow a
   registration method should output with the deformed image as *moving* and the original as *fixed*.
 
 The elastic field ``e`` is drawn on a canvas larger than the image (so ``e(R(p))`` and ``E^-1`` are
@@ -36,7 +36,7 @@ from torch import Tensor
 from bsafuse._checks import check_shape
 from bsafuse.warp import invert_flow, pixel_grid, warp
 
-MAX_ROTATE_DEG = 45.0  # degrees; beyond this, rigid pre-alignment is the tool (SPEC section 2a)
+MAX_ROTATE_DEG = 45.0  # degrees; beyond this, rigid pre-alignment is the tool (design.md §2a)
 MAX_SCALE = 0.5  # |s - 1|
 
 
@@ -45,7 +45,7 @@ class DeformParams:
     """Amplitudes of a random deformation; every one is an upper bound of a uniform draw.
 
     Defaults cover the authors' training deformations (about 1 px translation plus a few pixels of
-    elastic warping, no rotation) and more, as SPEC section 2a asks.
+    elastic warping, no rotation) and more, as design.md §2a asks.
     """
 
     rotate_deg: float = 10.0  # degrees, |theta| <= rotate_deg

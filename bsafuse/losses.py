@@ -1,4 +1,4 @@
-"""Losses of BSAFusion (paper Eqs. 1, 3, 8, 9, 11-14; SPEC.md section 3).
+"""Losses of BSAFusion (paper Eqs. 1, 3, 8, 9, 11-14; design.md §3).
 
 A = moving, B = fixed. Pure tensor functions, no state. SSIM, the smoothness terms and every
 loss reduction run in float32, also under autocast. Images are (N, 1, H, W) in [0, 1].
@@ -226,7 +226,7 @@ def update_mu(
     *,
     bounds: tuple[float, float] = (0.1, 10.0),
 ) -> float:
-    """mu for the next epoch = sum_n SSIM(F_n, B_n) / sum_n SSIM(F_n, W(A_n)) (SPEC 3).
+    """mu for the next epoch = sum_n SSIM(F_n, B_n) / sum_n SSIM(F_n, W(A_n)) (design.md §3).
 
     Clipped to `bounds`, so one degenerate epoch (an SSIM sum near zero or negative) cannot blow
     up the next epoch's loss; a non-finite ratio gives 1.

@@ -1,4 +1,4 @@
-"""Classical registration with SimpleITK: pre-alignment (SPEC section 5) and the `simpleitk` baseline.
+"""Classical registration with SimpleITK: pre-alignment (design.md §5) and the `simpleitk` baseline.
 
 :func:`register_classical` registers a 2-D moving image to a fixed one of the same size with Mattes
 mutual information (works across modalities) over an image pyramid: "rigid" (Euler), "affine"

@@ -102,7 +102,7 @@ MODALITY_WEIGHTS = {"CT": "ct-mri", "PT": "pet-mri", "PET": "pet-mri", "NM": "sp
 
 
 def auto_name(*, is_colour: bool, modality: str | None = None) -> str:
-    """The registry name `--weights auto` picks for a moving image (SPEC 6).
+    """The registry name `--weights auto` picks for a moving image (design.md §6).
 
     The modality first (MODALITY_WEIGHTS: the DICOM Modality CT, PT or NM, or a data folder's
     name), for grey and colour images alike. Without one (PNG, NIfTI, other modalities):

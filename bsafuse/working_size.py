@@ -1,4 +1,4 @@
-"""The one data path between images and the network (SPEC 1): grey, working size, borders.
+"""The one data path between images and the network (design.md §1): grey, working size, borders.
 
 Training (`data.load_pairs`), validation, `fuse`/`register` (`api`) and `evaluate` all prepare a
 pair here and bring the network's outputs back here, so the network sees in use exactly what it

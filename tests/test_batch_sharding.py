@@ -119,6 +119,7 @@ def torchrun_fuse(tmp_path: Path, checkpoint: Path, *extra: str) -> subprocess.C
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_share_a_folder_without_overlap(tmp_path: Path, tiny_checkpoint: Path) -> None:
     (tmp_path / "ct").mkdir()
     (tmp_path / "mri").mkdir()

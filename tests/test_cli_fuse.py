@@ -94,6 +94,7 @@ def test_json_summary_is_the_only_stdout(tmp_path: Path, tiny_checkpoint: Path) 
     assert summary["pairs"][0]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_colour_moving_gives_colour_output(tmp_path: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "fused.png"
     result = fuse(PET, PET_MRI, out, tiny_checkpoint)
@@ -102,6 +103,7 @@ def test_colour_moving_gives_colour_output(tmp_path: Path, tiny_checkpoint: Path
     assert fused.mode == "RGB" and fused.size == (256, 256)
 
 
+@pytest.mark.slow
 def test_grey_stored_as_rgb_is_grey_in_and_out(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """The BSAFusion authors' published CT test pairs are 3-channel PNGs with R = G = B."""
     grey = np.asarray(Image.open(CT / "20010.png"))
@@ -184,6 +186,7 @@ def test_report_panel(tmp_path: Path, tiny_checkpoint: Path) -> None:
 # --------------------------------------------------------------------------------------- folders
 
 
+@pytest.mark.slow
 def test_folder_run_continues_past_a_bad_pair_and_reruns_skip(tmp_path: Path, tiny_checkpoint: Path) -> None:
     moving, fixed, out = tmp_path / "ct", tmp_path / "mri", tmp_path / "fused"
     shutil.copytree(CT, moving)

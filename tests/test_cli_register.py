@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner, Result
@@ -37,6 +38,7 @@ def test_register_writes_warped_and_flow(tmp_path: Path, tiny_checkpoint: Path) 
     assert np.abs(warped - expected).max() <= 1 / 255 + 1e-6
 
 
+@pytest.mark.slow
 def test_register_folders_with_json(tmp_path: Path, tiny_checkpoint: Path) -> None:
     moving, fixed = tmp_path / "ct", tmp_path / "mri"
     shutil.copytree(CT, moving)

@@ -20,12 +20,14 @@ def run_example(script: str, cwd: Path, *args: object) -> subprocess.CompletedPr
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_fuse_pair(tmp_path: Path, tiny_checkpoint: Path) -> None:
     done = run_example("fuse_pair.py", tmp_path, "--weights", tiny_checkpoint, "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert Image.open(tmp_path / "fused.png").size == (256, 256)
 
 
+@pytest.mark.slow
 def test_fuse_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
     done = run_example(
         "fuse_folder.py", tmp_path, "--weights", tiny_checkpoint, "--device", "cpu", "-o", "out"
@@ -35,6 +37,7 @@ def test_fuse_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert "2 fused, 0 skipped, 0 failed" in done.stdout
 
 
+@pytest.mark.slow
 def test_fuse_volume(tmp_path: Path, tiny_checkpoint: Path) -> None:
     done = run_example("fuse_volume.py", tmp_path, "--weights", tiny_checkpoint, "--device", "cpu")
     assert done.returncode == 0, done.stderr

@@ -79,6 +79,7 @@ def assert_complete_pngs(paths: list[Path]) -> None:
             assert image.size == (SIDE, SIDE)
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_complete_outputs_and_a_rerun_finishes_the_rest(
     pairs: tuple[Path, Path], tmp_path: Path, tiny_checkpoint: Path
 ) -> None:

@@ -73,6 +73,7 @@ def test_unversioned_names_stand_for_the_newest_release(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.slow
 def test_golden_output_on_the_example_pair(name: str) -> None:
     model = load_model(name, device="cpu")
     pair = _pair_type(name)
@@ -92,6 +93,7 @@ def test_golden_output_on_the_example_pair(name: str) -> None:
     assert np.abs(flow - expected["flow"].astype(np.float32)).max() <= 0.05
 
 
+@pytest.mark.slow
 def test_fuse_without_weights_option_uses_the_shipped_ct_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "fused.png"
     result = CliRunner().invoke(

@@ -242,6 +242,7 @@ def test_checkpoints_that_do_not_fit_say_so(small: BSAFusion) -> None:
 # learning
 
 
+@pytest.mark.slow
 def test_small_learns_to_register_a_shifted_harvard_pair(harvard: Path) -> None:
     from bsafuse.io import read_image
 

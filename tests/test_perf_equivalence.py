@@ -153,6 +153,7 @@ def test_instance_norm_as_group_norm_keeps_nhwc_memory() -> None:
 
 
 @pytest.mark.parametrize(("n", "h", "w"), [(2, 64, 64), (1, 48, 80)])
+@pytest.mark.slow
 def test_small_config_forward_matches_the_reference(n: int, h: int, w: int) -> None:
     model = build(dataclasses.replace(ModelConfig.small(), image_size=64)).eval()
     plain = reference_copy(model)
@@ -164,6 +165,7 @@ def test_small_config_forward_matches_the_reference(n: int, h: int, w: int) -> N
     assert_outputs_match(fast, literal)
 
 
+@pytest.mark.slow
 def test_paper_config_forward_matches_the_reference() -> None:
     model = build(ModelConfig.paper()).eval()
     plain = reference_copy(model)
@@ -174,6 +176,7 @@ def test_paper_config_forward_matches_the_reference() -> None:
     assert_outputs_match(fast, literal)
 
 
+@pytest.mark.slow
 def test_training_gradients_match_the_reference() -> None:
     model = build(dataclasses.replace(ModelConfig.small(), image_size=64)).train()
     plain = reference_copy(model)

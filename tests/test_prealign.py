@@ -62,6 +62,7 @@ def test_planted_rigid_motion_is_recovered(mri: np.ndarray, kind: str) -> None:
     assert error.max() < 0.5  # pixels, everywhere in the head
 
 
+@pytest.mark.slow
 def test_bspline_recovers_an_elastic_warp_better_than_affine(mri: np.ndarray) -> None:
     deformed, flow_true, covered = plant(
         mri, DeformParams(rotate_deg=5, translate_px=5, elastic_px=4), seed=1

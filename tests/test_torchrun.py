@@ -107,6 +107,7 @@ def _two_ranks(rank: int, ports: tuple[int, int], out: str) -> None:
     Path(out, f"{rank}.json").write_text(json.dumps(results))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_gather_add_and_leave(tmp_path: Path) -> None:
     mp.start_processes(_two_ranks, args=((_free_port(), _free_port()), str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in (0, 1):

@@ -127,6 +127,7 @@ def _stop_at(trainer_box: list[Trainer], epoch: int, step: int | None) -> Callab
     return callback
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_is_exact(tiny_data: Path, full_run: Path, tmp_path: Path) -> None:
     box: list[Trainer] = []
     box.append(Trainer(tiny_config(tiny_data, tmp_path), callback=_stop_at(box, epoch=2, step=None)))
@@ -139,6 +140,7 @@ def test_resume_at_an_epoch_boundary_is_exact(tiny_data: Path, full_run: Path, t
     _same_numbers(_rows(full_run), _rows(tmp_path))
 
 
+@pytest.mark.slow
 def test_stop_mid_epoch_saves_and_resumes_exactly(tiny_data: Path, full_run: Path, tmp_path: Path) -> None:
     box: list[Trainer] = []
     box.append(Trainer(tiny_config(tiny_data, tmp_path), callback=_stop_at(box, epoch=2, step=1)))
@@ -153,6 +155,7 @@ def test_stop_mid_epoch_saves_and_resumes_exactly(tiny_data: Path, full_run: Pat
     _same_numbers(_rows(full_run), _rows(tmp_path))
 
 
+@pytest.mark.slow
 def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tiny_data: Path, tmp_path: Path) -> None:
     Trainer(tiny_config(tiny_data, tmp_path, epochs=1)).fit()
     with (tmp_path / "metrics.csv").open("a") as f:  # as if killed between the row and last.pt
@@ -171,6 +174,7 @@ def _flat(config: TrainConfig) -> dict[str, Any]:
             "quality_metrics": True}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_the_flat_config_layout_resumes(tiny_data: Path, tmp_path: Path) -> None:
     Trainer(tiny_config(tiny_data, tmp_path, epochs=1)).fit()
     old = read_checkpoint(tmp_path / "last.pt")
@@ -295,6 +299,7 @@ device = "cpu"
 """
 
 
+@pytest.mark.slow
 def test_cli_trains_and_the_result_fuses(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     (tmp_path / "run.toml").write_text(RUN_TOML)
@@ -328,6 +333,7 @@ def test_cli_trains_and_the_result_fuses(tiny_data: Path, tmp_path: Path) -> Non
     assert fused.is_file()
 
 
+@pytest.mark.slow
 def test_cli_resume_auto_starts_then_continues(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["train", str(tiny_data), "-o", str(run), "--preset", "quick", "--image-size", "32", "--batch-size", "4",

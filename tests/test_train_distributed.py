@@ -35,6 +35,7 @@ def _rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "CT-MRI", NAMES, size=32)
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}

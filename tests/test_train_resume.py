@@ -69,6 +69,7 @@ def _wait_for(condition: object, proc: subprocess.Popen[bytes], timeout: float =
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_during_epoch_3_then_resume_finishes_the_run(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _start(str(tiny_data), "-o", str(run), "--epochs", "4", *TRAIN_ARGS)
@@ -92,6 +93,7 @@ def test_sigkill_during_epoch_3_then_resume_finishes_the_run(tiny_data: Path, tm
     assert not list(run.glob(".*.tmp")), "no temporary checkpoint files are left behind"
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _start(str(tiny_data), "-o", str(run), "--epochs", "50", *TRAIN_ARGS)
@@ -108,6 +110,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_data: Path, tmp_path: 
     load_checkpoint(run / "last.pt")  # a usable model
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(tiny_data: Path, tmp_path: Path) -> None:
     """How `timeout` and job schedulers stop a job: SIGTERM to every process, loader workers included."""
     run = tmp_path / "run"

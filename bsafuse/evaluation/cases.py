@@ -2,7 +2,7 @@
 
 Two folder layouts are accepted:
 
-- *aligned* (SPEC 7, as ../shared/data/harvard/CT-MRI): ``MRI/`` plus one moving-modality folder
+- *aligned* (design.md §7, as tests/data/harvard/CT-MRI): ``MRI/`` plus one moving-modality folder
   (``CT/``, ``PET/``, ``SPECT/``) of same-named, aligned images. Each pair is misaligned by
   deforming its moving image with ``deform.random_deformation`` (default ``DeformParams``, whose
   pixel amplitudes are for 256-px images and scale with the image size). The generator is seeded

@@ -1,4 +1,4 @@
-"""The methods the protocol compares, each run on the same deformed pair (SPEC 6).
+"""The methods the protocol compares, each run on the same deformed pair (design.md §6).
 
 Every method gives a fused image and, where it registers, the flow that registers the deformed
 moving image onto the fixed one and the warped moving image. To compare *registrations* under one
@@ -15,14 +15,14 @@ alignment module's flow is replaced by zeros, so MMFF fuses the pair as given):
   ``prealign.register_classical(kind="bspline")``), then the network's fusion of the pre-warped
   pair; the flow is SimpleITK's.
 - ``simpleitk+bsafuse``: the same pre-alignment, then the whole network on the pre-warped pair
-  (pre-alignment as in SPEC 5); the flow is the composition of both.
+  (pre-alignment as in design.md §5); the flow is the composition of both.
 - ``oracle``: ground-truth alignment, then the network's fusion of (label, fixed); the flow is the
   ground-truth one. The ceiling of the protocol.
 - ``average``: (label + fixed) / 2, the classic fusion floor; it does not register.
 - ``max``: max(label, fixed) per pixel, the other classic rule (what L_inten asks of the network).
 
 Where a flow samples outside the moving image there is no moving data and the fused image is the
-fixed image there (SPEC 1), as api.fuse does for the network's own flow.
+fixed image there (design.md §1), as api.fuse does for the network's own flow.
 """
 
 from __future__ import annotations

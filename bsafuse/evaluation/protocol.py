@@ -1,4 +1,4 @@
-"""The evaluation protocol: every method on every (deformed) pair of a data folder, scored (SPEC 6).
+"""The evaluation protocol: every method on every (deformed) pair of a data folder, scored (design.md §6).
 
 ```python
 from bsafuse.evaluation import run_protocol, write_outputs

@@ -1,6 +1,6 @@
 """The scoring convention of `bsafuse evaluate`, in one place (numpy only, no torch).
 
-Fusion metrics are computed as the paper computes them (SPEC 6, ../shared/metrics-reference): F is
+Fusion metrics are computed as the paper computes them (design.md §6; tests/data/metrics-reference): F is
 compared with A = the ground-truth-aligned moving image (the label) and B = the fixed MRI, on 8-bit
 grey images: values in [0, 1] are mapped to 0..255 and rounded half up, as saving them to an 8-bit
 PNG does, and a colour image is first reduced to its BT.601 full-range luma Y. So `evaluate` on the

@@ -6,7 +6,7 @@
 
 Greys (R = G = B) have Cb = Cr = 0.5 exactly, and the inverse is the exact matrix inverse, so a
 round trip returns the input to float rounding. (The authors' code used a wrong green coefficient
-that brightened greys by about 7 %; SPEC.md section 2a.) Channels are last: (..., 3).
+that brightened greys by about 7 %; design.md §2a.) Channels are last: (..., 3).
 """
 
 from __future__ import annotations

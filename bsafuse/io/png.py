@@ -1,6 +1,6 @@
 """PNG: 8/16-bit grey, RGB, RGBA (alpha dropped), palette (-> RGB), grey + alpha (-> grey).
 
-Grey levels are normalised by bit depth (8-bit / 255, 16-bit / 65535; SPEC.md section 5). Colour is
+Grey levels are normalised by bit depth (8-bit / 255, 16-bit / 65535; design.md §5). Colour is
 read as 8-bit RGB (Pillow reduces 16-bit colour PNGs to 8 bits). The writer makes 8-bit PNGs,
 16-bit for grey images whose `like` had more than 8 bits, and RGB for colour images.
 """

@@ -10,7 +10,7 @@ anywhere, e.g. all-black images) it returns NaN; note that the zero padding of t
 gives a constant non-zero image edges along its border, as in the originals.
 
 The numbers match the MATLAB originals to ~1e-13 relative on the reference set
-(tests/test_metrics_reference.py); ../shared/metrics-reference/README.md lists every convention.
+(tests/test_metrics_reference.py); tests/data/metrics-reference/README.md lists every convention.
 Two quirks of that code are kept on purpose, so results compare with published tables: Q_AB/F's
 equal-strength rule and Q_CV's CSF constant 0.144 (see q_abf and CV_CSF_SCALE).
 """

@@ -46,9 +46,9 @@ class FusionOutput(NamedTuple):
 
 
 class BSAFusion(nn.Module):
-    """The BSAFusion network (Li et al., AAAI 2025); see SPEC.md section 2.
+    """The BSAFusion network (Li et al., AAAI 2025); see design.md §2.
 
-    Choices where the paper and the public code are silent or wrong (SPEC 2a):
+    Choices where the paper and the public code are silent or wrong (design.md §2a):
       - the classifier of Eq. 3 is a frozen copy of the encoder's Transformer layers and MLP ("we
         replicate the Transformer layer in the encoder and the MLP"); L_ce2 trains the Transfer
         blocks through it but never the classifier itself;
