@@ -21,12 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python benchmarks/bench_x.py` without installing
     sys.path.insert(0, str(REPO))
 
-PUBLIC = {  # the authors' public implementation on the project's 2-core reference machine (design.md §2a)
-    "latency_b1_s": 0.54,
-    "pairs_per_s_b8": 1.2,
-    "train_step_b2_s": 3.4,
-    "peak_gb": 2.4,
-}
 
 
 def setup(*, threads: int | None, tune: bool, training: bool = False) -> dict[str, Any]:
@@ -82,6 +76,44 @@ def timed(
         sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+def interleaved(
+    paths: dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    reps: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each path, measured in alternation: A, B, A, B ... (`rounds` rounds of
+    `reps` calls each, after `warmup` untimed calls of every path).
+
+    Paths timed side by side in one process see the same machine: the load of the moment, the CPU's
+    clock and the allocator's state drift alike for both, so their ratio is stable where absolute
+    times drift 10-30 % between runs.
+    """
+    for fn in paths.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            times[name] += timed(fn, warmup=0, reps=reps, sync=sync)
+    return times
+
+
+def ratio_row(times: dict[str, list[float]], *, per_call: int, unit: str) -> dict[str, Any]:
+    """Medians of the optimised and the reference path, their ratio, and the optimised rate."""
+    fast, slow = statistics.median(times["optimised"]), statistics.median(times["reference"])
+    return {
+        "optimised_s": fast,
+        "reference_s": slow,
+        "x_reference": slow / fast,
+        f"{unit}_per_s": per_call / fast,
+        "calls": len(times["optimised"]),
+    }
 
 
 def summary(times: Sequence[float]) -> dict[str, float]:

@@ -1,26 +1,30 @@
 """Inference speed of BSAFusion on 256 x 256 pairs: latency, throughput, peak memory, FLOPs.
 
-CPU (2 threads by default): latency at batch 1 (median of >= 10 after warm-up), throughput at
-batch 8 and 32 (pairs/s), peak resident memory. CUDA, when present: fp32 and bf16 autocast at
-batch 1, 32 and 128, peak GPU memory, and pairs/s per TFLOP/s of the card (its dense GEMM rate in
-that precision, measured here). Random weights: speed does not depend on them.
+Every figure is a ratio to bsafuse's reference path (`bsafuse.model.reference`: the paper's
+equations as written, NCHW), measured in the same process with the same weights, the two paths
+alternating (A, B, A, B ...; medians): `x_reference` is how many times faster the optimised
+network is. Absolute times are "on this machine, this day" only. CPU (2 threads by default): batch
+1 and 8. CUDA, when present: fp32 and bf16 autocast at batch 1, 32 and 128, peak GPU memory, and
+pairs/s per TFLOP/s of the card (its dense GEMM rate in that precision, measured here). Random
+weights: speed does not depend on them.
 
-    python benchmarks/bench_fuse.py                   # the optimised path (the default)
-    python benchmarks/bench_fuse.py --reference       # optimisations off: the plain transcription
+    python benchmarks/bench_fuse.py                     # paper config, 256 px: the ratios
+    python benchmarks/bench_fuse.py --config small      # the network the shipped weights use
+    python benchmarks/bench_fuse.py --only optimised    # one path alone, for its peak memory
     python benchmarks/bench_fuse.py --json > fuse.json
 
-Peak RSS is the process's high-water mark so far: rows run in increasing batch order, so each
-row's value is that batch's peak (plus what the earlier, smaller ones left). Never run as a test.
+Peak RSS is the process's high-water mark so far (both paths, unless --only). Never run as a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Callable
+import functools
+import os
+import statistics
 from typing import Any
 
-from _common import PUBLIC, output, peak_rss_gb, setup, summary, timed
+from _common import interleaved, output, peak_rss_gb, ratio_row, setup, timed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=("paper", "small"), default="paper")
     parser.add_argument("--size", type=int, default=256, help="square input side, pixels")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (0: torch's default)")
-    parser.add_argument("--reps", type=int, default=10, help="timed runs at batch 1 (fewer for big batches)")
-    parser.add_argument("--cpu-batches", default="1,8,32")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of the two paths per batch")
+    parser.add_argument("--reps", type=int, default=4, help="timed calls per path and round at batch 1")
+    parser.add_argument("--cpu-batches", default="1,8")
     parser.add_argument("--cuda-batches", default="1,32,128")
-    parser.add_argument("--reference", action="store_true", help="switch every optimisation off")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (experimental)")
+    parser.add_argument(
+        "--only", choices=("optimised", "reference"), help="time one path alone (for its peak memory)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
     parser.add_argument("--no-tune", action="store_true", help="skip bsafuse's OMP/malloc process settings")
     parser.add_argument("--no-cpu", action="store_true", help="CUDA rows only")
     parser.add_argument("--json", action="store_true")
@@ -41,26 +48,30 @@ def main(argv: list[str] | None = None) -> int:
     facts = setup(threads=args.threads, tune=not args.no_tune)
     import torch
 
-    model, context = build(args.config, reference=args.reference)
-    facts.update(config=args.config, path="reference" if args.reference else "optimised")
-    facts.update(params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
-    facts.update(gflops_per_pair=gflops(model, args.size, context))
-    runner: Any = torch.compile(model) if args.compile else model
+    paths = build(args.config, compile_model=args.compile)
+    if args.only:
+        paths = {args.only: paths[args.only]}
+    model = paths.get("optimised", paths.get("reference"))
+    facts.update(config=args.config, size=args.size)
+    facts.update(params=sum(p.numel() for p in model.parameters()))
+    facts.update(gflops_per_pair={name: gflops(fn, args.size) for name, fn in paths.items()})
     rows: list[dict[str, Any]] = []
     if not args.no_cpu:
-        rows += cpu_rows(runner, args, context)
+        rows += cpu_rows(paths, args)
     if torch.cuda.is_available():
-        rows += cuda_rows(model, args, context)
+        rows += cuda_rows(paths, args)
     else:
         facts["cuda"] = "not available: CUDA rows skipped"
+    facts["load_average_after"] = os.getloadavg()[0]
     output(rows, facts, title=f"bsafuse fuse, {args.config} config, {args.size} px", as_json=args.json)
     return 0
 
 
-def build(
-    config: str, *, reference: bool
-) -> tuple[Any, Callable[[], contextlib.AbstractContextManager[None]]]:
-    """A seeded eval-mode model and the context its forward passes run in."""
+def build(config: str, *, compile_model: bool = False) -> dict[str, Any]:
+    """The optimised model and bsafuse's reference path (the paper's equations as written, NCHW),
+    with the same seeded weights."""
+    import copy
+
     import torch
 
     from bsafuse.config import ModelConfig
@@ -69,9 +80,9 @@ def build(
 
     torch.manual_seed(0)
     model = BSAFusion(ModelConfig.paper() if config == "paper" else ModelConfig.small()).eval()
-    if reference:  # the paper's equations as written (bsafuse.model.reference), NCHW layout
-        return ReferenceForward(model.to(memory_format=torch.contiguous_format)), contextlib.nullcontext
-    return model, contextlib.nullcontext
+    reference = ReferenceForward(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).eval()
+    optimised: Any = torch.compile(model, dynamic=False) if compile_model else model
+    return {"optimised": optimised, "reference": reference}
 
 
 def pair(batch: int, size: int, device: Any = "cpu") -> tuple[Any, Any]:
@@ -82,58 +93,47 @@ def pair(batch: int, size: int, device: Any = "cpu") -> tuple[Any, Any]:
     return moving, fixed
 
 
-def gflops(model: Any, size: int, context: Callable[[], Any]) -> float:
+def gflops(model: Any, size: int) -> float:
     """Floating-point operations of one pair's forward pass, as executed (multiply-add = 2)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     moving, fixed = pair(1, size)
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), context(), counter:
+    with torch.inference_mode(), counter:
         model(moving, fixed)
     return round(counter.get_total_flops() / 1e9, 2)
 
 
-def cpu_rows(model: Any, args: argparse.Namespace, context: Callable[[], Any]) -> list[dict[str, Any]]:
+def cpu_rows(paths: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     rows = []
     for batch in (int(b) for b in args.cpu_batches.split(",")):
         moving, fixed = pair(batch, args.size)
-        reps = args.reps if batch == 1 else max(2, args.reps // (3 if batch <= 8 else 5))
-        with torch.inference_mode(), context():
-            times = timed(lambda m=moving, f=fixed: model(m, f), warmup=2 if batch == 1 else 1, reps=reps)
-        stats = summary(times)
-        row = {
-            "device": "cpu",
-            "precision": "fp32",
-            "batch": batch,
-            **_rates(stats, batch),
-            "peak_gb": peak_rss_gb(),
-        }
-        if args.config == "paper" and args.size == 256 and args.threads == 2:
-            if batch == 1:
-                row["x_public"] = PUBLIC["latency_b1_s"] / stats["median_s"]
-            elif batch == 8:
-                row["x_public"] = row["pairs_per_s"] / PUBLIC["pairs_per_s_b8"]
+        reps = args.reps if batch == 1 else max(1, args.reps // 4)
+        with torch.inference_mode():
+            times = interleaved(_calls(paths, moving, fixed), rounds=args.rounds, reps=reps)
+        row: dict[str, Any] = {"device": "cpu", "precision": "fp32", "batch": batch}
+        row.update(_row(times, batch))
+        row["peak_gb"] = peak_rss_gb()
         rows.append(row)
         del moving, fixed
     return rows
 
 
-def cuda_rows(model: Any, args: argparse.Namespace, context: Callable[[], Any]) -> list[dict[str, Any]]:
+def cuda_rows(paths: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
     torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    model = model.cuda()
-    runner: Any = torch.compile(model) if args.compile else model
+    paths = {name: fn.cuda() for name, fn in paths.items()}
     rows = []
     for precision in ("fp32", "bf16"):
         tflops = gemm_tflops(torch.float32 if precision == "fp32" else torch.bfloat16)
         for batch in (int(b) for b in args.cuda_batches.split(",")):
             row: dict[str, Any] = {"device": "cuda", "precision": precision, "batch": batch}
             try:
-                row.update(_cuda_run(runner, batch, args, context, precision))
+                row.update(_cuda_run(paths, batch, args, precision))
             except torch.cuda.OutOfMemoryError:
                 row["pairs_per_s"] = "out of memory"
                 rows.append(row)
@@ -145,18 +145,31 @@ def cuda_rows(model: Any, args: argparse.Namespace, context: Callable[[], Any]) 
     return rows
 
 
-def _cuda_run(
-    model: Any, batch: int, args: argparse.Namespace, context: Callable[[], Any], precision: str
-) -> dict[str, Any]:
+def _cuda_run(paths: dict[str, Any], batch: int, args: argparse.Namespace, precision: str) -> dict[str, Any]:
     import torch
 
     moving, fixed = pair(batch, args.size, "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
     torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode(), context(), autocast:
-        reps = args.reps if batch == 1 else 5
-        times = timed(lambda: model(moving, fixed), warmup=3, reps=reps, sync=torch.cuda.synchronize)
-    return {**_rates(summary(times), batch), "peak_gb": torch.cuda.max_memory_allocated() / (1 << 30)}
+    with torch.inference_mode(), autocast:
+        times = interleaved(
+            _calls(paths, moving, fixed), rounds=args.rounds, reps=args.reps, warmup=3, sync=torch.cuda.synchronize
+        )
+    return {**_row(times, batch), "peak_gb": torch.cuda.max_memory_allocated() / (1 << 30)}
+
+
+def _calls(paths: dict[str, Any], moving: Any, fixed: Any) -> dict[str, Any]:
+    """Each path's forward pass on this batch, as a call without arguments."""
+    return {name: functools.partial(fn, moving, fixed) for name, fn in paths.items()}
+
+
+def _row(times: dict[str, list[float]], batch: int) -> dict[str, Any]:
+    """The ratio row when both paths ran, else the one path's median and rate."""
+    if len(times) == 2:
+        return ratio_row(times, per_call=batch, unit="pairs")
+    (name, values), = times.items()
+    median = statistics.median(values)
+    return {"path": name, "median_s": median, "pairs_per_s": batch / median, "calls": len(values)}
 
 
 def gemm_tflops(dtype: Any, n: int = 8192) -> float:
@@ -167,16 +180,6 @@ def gemm_tflops(dtype: Any, n: int = 8192) -> float:
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     times = timed(lambda: a @ b, warmup=3, reps=10, sync=torch.cuda.synchronize)
     return 2 * n**3 / min(times) / 1e12
-
-
-def _rates(stats: dict[str, float], batch: int) -> dict[str, Any]:
-    return {
-        "median_s": stats["median_s"],
-        "min_s": stats["min_s"],
-        "s_per_pair": stats["median_s"] / batch,
-        "pairs_per_s": batch / stats["median_s"],
-        "reps": int(stats["reps"]),
-    }
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Training speed of BSAFusion: one step = forward + total_loss + backward + Adam, samples/s.
 
-CPU: batch 2 on 2 threads (the project's reference setting); CUDA, when present: batch 32 in
-fp32 and in bf16 autocast, with peak GPU memory. Random weights and images.
+Every figure is a ratio to bsafuse's reference path (`bsafuse.model.reference`, the paper's
+equations as written, NCHW; same weights, its own Adam), the two alternating in one process
+(medians): `x_reference` is how many times faster the optimised training step is. CPU: batch 2
+and 8 on 2 threads; CUDA, when present: batch 32 in fp32 and bf16 autocast, peak GPU memory.
+Random weights and images.
 
-    python benchmarks/bench_train.py               # the optimised path
-    python benchmarks/bench_train.py --reference   # optimisations off: the plain transcription
+    python benchmarks/bench_train.py                     # paper config, 256 px: the ratios
+    python benchmarks/bench_train.py --config small      # the network the shipped weights use
+    python benchmarks/bench_train.py --only optimised    # one path alone, for its peak memory
 
 Never run as a test.
 """
@@ -12,9 +16,12 @@ Never run as a test.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import statistics
 from typing import Any
 
-from _common import PUBLIC, output, peak_rss_gb, setup, summary, timed
+from _common import interleaved, output, peak_rss_gb, ratio_row, setup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=("paper", "small"), default="paper")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (0: torch's default)")
-    parser.add_argument("--cpu-batch", type=int, default=2)
+    parser.add_argument("--cpu-batches", default="2,8")
     parser.add_argument("--cuda-batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
-    parser.add_argument("--reference", action="store_true", help="switch every optimisation off")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two paths per batch")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per path and round")
+    parser.add_argument(
+        "--only", choices=("optimised", "reference"), help="time one path alone (for its peak memory)"
+    )
     parser.add_argument("--no-tune", action="store_true", help="skip bsafuse's OMP/malloc process settings")
     parser.add_argument("--no-cpu", action="store_true")
     parser.add_argument("--json", action="store_true")
@@ -34,16 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     facts = setup(threads=args.threads, tune=not args.no_tune, training=True)
     import torch
 
-    facts.update(config=args.config, path="reference" if args.reference else "optimised")
+    facts.update(config=args.config, size=args.size)
     rows = []
     if not args.no_cpu:
-        rows.append(run(args, "cpu", args.cpu_batch, "fp32"))
+        rows += [run(args, "cpu", int(b), "fp32") for b in args.cpu_batches.split(",")]
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         for precision in ("fp32", "bf16"):
             rows.append(run(args, "cuda", args.cuda_batch, precision))
     else:
         facts["cuda"] = "not available: CUDA rows skipped"
+    facts["load_average_after"] = os.getloadavg()[0]
     output(
         rows, facts, title=f"bsafuse training step, {args.config} config, {args.size} px", as_json=args.json
     )
@@ -51,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, device: str, batch: int, precision: str) -> dict[str, Any]:
-    """Time training steps of a fresh model on `device`; one table row."""
+    """Time training steps of the optimised and the reference path, alternating; one table row."""
+    import copy
+
     import torch
 
     from bsafuse.config import ModelConfig
@@ -60,20 +73,16 @@ def run(args: argparse.Namespace, device: str, batch: int, precision: str) -> di
     from bsafuse.model.reference import ReferenceForward
 
     torch.manual_seed(0)
-    model = (
-        BSAFusion(ModelConfig.paper() if args.config == "paper" else ModelConfig.small()).to(device).train()
-    )
-    forward: Any = model
-    if args.reference:  # the paper's equations as written (bsafuse.model.reference), NCHW layout
-        forward = ReferenceForward(model.to(memory_format=torch.contiguous_format))
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-5)
+    model = BSAFusion(ModelConfig.paper() if args.config == "paper" else ModelConfig.small()).to(device).train()
+    reference = ReferenceForward(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).train()
+    paths = {"optimised": model, "reference": reference}
+    if args.only:
+        paths = {args.only: paths[args.only]}
     g = torch.Generator().manual_seed(1)
-    moving, fixed, label = (
-        torch.rand(batch, 1, args.size, args.size, generator=g).to(device) for _ in range(3)
-    )
+    moving, fixed, label = (torch.rand(batch, 1, args.size, args.size, generator=g).to(device) for _ in range(3))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def step() -> None:
+    def step(forward: Any, optimiser: torch.optim.Optimizer) -> None:
         with autocast:
             out = forward(moving, fixed)
             loss, _ = total_loss(out, moving=moving, fixed=fixed, label=label)
@@ -81,22 +90,21 @@ def run(args: argparse.Namespace, device: str, batch: int, precision: str) -> di
         loss.backward()
         optimiser.step()
 
+    calls = {}
+    for name, forward in paths.items():
+        optimiser = torch.optim.Adam([p for p in forward.parameters() if p.requires_grad], lr=5e-5)
+        calls[name] = functools.partial(step, forward, optimiser)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    stats = summary(timed(step, warmup=2, reps=args.steps, sync=sync))
-    row: dict[str, Any] = {
-        "device": device,
-        "precision": precision,
-        "batch": batch,
-        "median_s_per_step": stats["median_s"],
-        "min_s": stats["min_s"],
-        "samples_per_s": batch / stats["median_s"],
-        "steps": int(stats["reps"]),
-        "peak_gb": torch.cuda.max_memory_allocated() / (1 << 30) if device == "cuda" else peak_rss_gb(),
-    }
-    if device == "cpu" and batch == 2 and args.config == "paper" and args.size == 256 and args.threads == 2:
-        row["x_public"] = PUBLIC["train_step_b2_s"] / stats["median_s"]
+    times = interleaved(calls, rounds=args.rounds, reps=args.steps, warmup=1, sync=sync)
+    row: dict[str, Any] = {"device": device, "precision": precision, "batch": batch}
+    if len(times) == 2:
+        row.update(ratio_row(times, per_call=batch, unit="samples"))
+    else:
+        (name, values), = times.items()
+        row.update(path=name, median_s=statistics.median(values), samples_per_s=batch / statistics.median(values))
+    row["peak_gb"] = torch.cuda.max_memory_allocated() / (1 << 30) if device == "cuda" else peak_rss_gb()
     return row
 
 
