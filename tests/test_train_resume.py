@@ -6,6 +6,7 @@ model, 32 px) and watches metrics.csv / last.pt to know which epoch it is in.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -120,9 +121,13 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(tiny_d
         [sys.executable, "-m", "bsafuse", "train", str(tiny_data), "-o", str(run), "--epochs", "50", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
-    _wait_for(lambda: _saved_epoch(run) >= 1, proc)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _wait_for(lambda: _saved_epoch(run) >= 1, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:  # whatever failed above, leave no training process (or loader worker) behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     text = err.decode()
     assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
     assert "Traceback" not in text and "DataLoader" not in text
