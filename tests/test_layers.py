@@ -1,4 +1,5 @@
-"""The package's layers point one way: no import cycle inside bsafuse, and the named layers hold.
+"""The package's layers point one way (no import cycle inside bsafuse, the named layers hold), and
+its modules stay small.
 
 Every import counts, at module level or inside a function (a lazy import that points back up a
 layer is still a cycle a maintainer has to reason about); only `if TYPE_CHECKING:` blocks are left
@@ -122,3 +123,12 @@ def test_layers_point_one_way(module: str, must_not_reach: set[str]) -> None:
     if module not in graph:
         pytest.fail(f"{module} does not exist")
     assert not (reaches(graph, module) & must_not_reach)
+
+
+def test_no_module_is_over_350_lines() -> None:
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 350
+    }
+    assert not long, f"split these modules by concept: {long}"

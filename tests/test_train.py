@@ -12,6 +12,7 @@ from typing import Any, get_args
 import pytest
 import torch
 from test_data import make_folder
+from test_train_config import RUN_TOML
 from typer.testing import CliRunner
 
 from bsafuse.cli import app
@@ -283,20 +284,6 @@ def test_cli_bad_data_folder_is_one_line(tmp_path: Path) -> None:
     assert "has no MRI/ folder" in result.output
 
 
-RUN_TOML = """
-[recipe]
-image_size = 32
-epochs = 3  # --epochs 1 on the command line wins
-batch_size = 4
-val_cases = ["3"]
-
-[recipe.losses]
-flow = 4.0
-
-[run]
-workers = 0
-device = "cpu"
-"""
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ its layers (preset < TOML file < options) and its checks; and the import order o
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import re
@@ -21,7 +20,6 @@ from bsafuse.training.config import recipe_of
 from bsafuse.typed_dicts import merge
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINING = REPO / "bsafuse" / "training"
 runner = CliRunner()
 RUN_TOML = """
 [recipe]
@@ -37,44 +35,6 @@ flow = 4.0
 workers = 0
 device = "cpu"
 """
-
-
-def _imports_within_training(path: Path) -> set[str]:
-    """Modules of bsafuse.training that `path` imports (also under TYPE_CHECKING or in functions)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-        for name in names:
-            if name.startswith("bsafuse.training."):
-                found.add(name.split(".")[2])
-            elif name == "bsafuse.training":
-                found.add("__init__")
-    return {m for m in found if (TRAINING / f"{m}.py").is_file()}
-
-
-def test_the_modules_of_training_import_each_other_without_cycles() -> None:
-    graph = {p.stem: _imports_within_training(p) - {p.stem} for p in TRAINING.glob("*.py")}
-    done: set[str] = set()
-
-    def visit(module: str, path: tuple[str, ...]) -> None:
-        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
-        if module not in done:
-            for other in graph[module]:
-                visit(other, (*path, module))
-            done.add(module)
-
-    for module in graph:
-        visit(module, ())
-    assert "trainer" not in graph["validation"] and "validation" in graph["trainer"]
-
-
-def test_modules_stay_within_the_size_budget() -> None:
-    for path in [*TRAINING.glob("*.py"), REPO / "bsafuse" / "torchrun.py", REPO / "bsafuse" / "cli" / "train.py"]:
-        assert len(path.read_text().splitlines()) <= 350, path
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
