@@ -61,7 +61,7 @@ class _Loaded:
 
 @dataclass
 class Runner:
-    """Loads models as needed (one per checkpoint) and runs pairs; see `bsafuse.api.fuse_files`.
+    """Loads models as needed (one per checkpoint) and runs pairs; see `fuse_files` below.
 
     Folder runs stream (bsafuse.pipeline): the next pairs are read and the finished ones written
     while the network computes. Under torchrun each process takes its shard of the pairs
@@ -96,7 +96,6 @@ class Runner:
         save_warped: Path | None,
         report: Path | None,
     ) -> FuseReport:
-        from bsafuse.device import pick_device
         from bsafuse.torchrun import device_for, placement
 
         shard = placement()
@@ -106,7 +105,7 @@ class Runner:
             self.progress = None  # one progress bar: rank 0's
         result = FuseReport(
             mode=self.mode,
-            device=str(pick_device(self.device)),
+            device=str(self.device),  # device_for resolved it
             processes=shard.world_size,
             is_main=shard.is_main,
         )

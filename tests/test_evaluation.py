@@ -264,6 +264,10 @@ def test_val_cases_auto_reads_the_training_run(
     )
     report = run_protocol(data_dir, weights=trained, methods=["average"], val_cases="auto")
     assert report.settings["val_cases"] == ["2"] and report.pairs == ["2001"]
+    nested = {"recipe": {"val_cases": ["2"], "seed": 0}, "run": {"data_dir": "d", "run_dir": "r"}}  # today's layout
+    trained = save_checkpoint(tmp_path / "nested.pt", tiny_model, train={"config": nested})
+    report = run_protocol(data_dir, weights=trained, methods=["average"], val_cases="auto")
+    assert report.settings["val_cases"] == ["2"] and report.pairs == ["2001"]
     bare = save_checkpoint(tmp_path / "bare.pt", tiny_model)
     with pytest.raises(WeightsError, match="needs a checkpoint written by `bsafuse train`"):
         run_protocol(data_dir, weights=bare, methods=["average"], val_cases="auto")
