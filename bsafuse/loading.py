@@ -107,7 +107,8 @@ def load_model(
             raise WeightsError(f"--weights auto chose {choice!r}, but {exc}") from None
         raise
     model = weights_mod.load_checkpoint(path).to(pick_device(device)).eval()
-    model.provenance = Provenance(
-        name=choice if choice in weights_mod.REGISTRY else None, path=path, sha256=weights_mod.sha256_of(path)
-    )
+    registered = weights_mod.REGISTRY.get(choice)
+    # a registered file was just verified against its published sha256 (weights.resolve): no second read
+    digest = registered.sha256.lower() if registered is not None else weights_mod.sha256_of(path)
+    model.provenance = Provenance(name=choice if registered is not None else None, path=path, sha256=digest)
     return model
