@@ -18,6 +18,8 @@ control grid with ``elastic_spacing_px`` between points, upsampled bicubically (
 then rescaled so its largest vector is ``a ~ U(0, elastic_px)`` pixels. Rigid draws: ``theta ~
 U(-rotate_deg, rotate_deg)``, ``t ~ U(-translate_px, translate_px)`` per axis, ``s ~ U(1 - scale,
 1 + scale)``. Each sample of a batch gets its own draw; colour channels share their sample's field.
+With ``near_share > 0`` that share of the draws is made nearly aligned: all of its amplitudes (angle,
+shift, scale offset, elastic field) are multiplied by one factor ``k ~ U(0, NEAR_FACTOR)``.
 
 All randomness comes from the ``torch.Generator`` passed in (drawn on the generator's device, then
 moved), so the same seed gives the same field on every device.
@@ -38,6 +40,7 @@ from bsafuse.warp import invert_flow, pixel_grid, warp
 
 MAX_ROTATE_DEG = 45.0  # degrees; beyond this, rigid pre-alignment is the tool (design.md §2a)
 MAX_SCALE = 0.5  # |s - 1|
+NEAR_FACTOR = 0.5  # a nearly aligned draw (DeformParams.near_share) has at most half the amplitudes
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,18 @@ class DeformParams:
     elastic_spacing_px: float = 32.0  # pixels between elastic control points
     flip: bool = False  # augment_pair: random horizontal flip of both images
     rot90: bool = False  # augment_pair: random multiple of 90 degrees, both images
+    # Share of draws made nearly aligned: every amplitude of such a draw is multiplied by one
+    # U(0, NEAR_FACTOR) factor (rotation, shift, scale and elastic together), so a network trained
+    # on the mixture also sees pairs that need little or no correction (design.md §4).
+    near_share: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rotate_deg", "translate_px", "scale", "elastic_px", "elastic_spacing_px"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"DeformParams.{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.near_share, (int, float)) and 0 <= self.near_share <= 1):
+            raise ValueError(f"DeformParams.near_share must be a share in [0, 1], got {self.near_share!r}")
         if self.rotate_deg > MAX_ROTATE_DEG:
             raise ValueError(
                 f"DeformParams.rotate_deg must be at most {MAX_ROTATE_DEG:g} degrees, got {self.rotate_deg:g}; "
@@ -131,11 +140,29 @@ def _elastic_canvas(
     return field * (peak / largest).view(n, 1, 1, 1)
 
 
-def _draw_rigid(n: int, params: DeformParams, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _amplitude_factors(n: int, params: DeformParams, generator: torch.Generator) -> Tensor:
+    """(n,) float64: 1, or for a share `near_share` of the draws U(0, NEAR_FACTOR).
+
+    Draws nothing when near_share is 0, so seeds of plain deformations keep their fields.
+    """
+    ones = torch.ones(n, dtype=torch.float64, device=generator.device)
+    if params.near_share == 0:
+        return ones
+    near = (
+        torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64) < params.near_share
+    )
+    factor = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64) * NEAR_FACTOR
+    return torch.where(near, factor, ones)
+
+
+def _draw_rigid(
+    n: int, params: DeformParams, generator: torch.Generator, factor: Tensor
+) -> tuple[Tensor, Tensor]:
     """(A, t): (n, 2, 2) float64 rotation-and-scale matrices and (n, 2) float64 shifts (x, y)."""
-    theta = torch.deg2rad(_uniform(n, params.rotate_deg, generator))
-    scale = 1 + _uniform(n, params.scale, generator)
+    theta = torch.deg2rad(_uniform(n, params.rotate_deg, generator)) * factor
+    scale = 1 + _uniform(n, params.scale, generator) * factor
     shift = torch.stack([_uniform(n, params.translate_px, generator) for _ in range(2)], dim=1)
+    shift = shift * factor.view(n, 1)
     cos, sin = theta.cos() * scale, theta.sin() * scale
     matrix = torch.stack((torch.stack((cos, -sin), -1), torch.stack((sin, cos), -1)), -2)
     return matrix, shift
@@ -163,9 +190,11 @@ def _fields(
     n, h, w = _image_size(shape)
     device = torch.device(device) if device is not None else generator.device
     margin = math.ceil(params.max_rigid_px(h, w)) + 2  # canvas border: R(p) stays on the canvas
-    # Fixed draw order (rigid, then elastic), so a seed always means the same deformation.
-    matrix, shift = _draw_rigid(n, params, generator)
-    elastic = _elastic_canvas(n, h + 2 * margin, w + 2 * margin, params, generator).to(device).float()
+    # Fixed draw order (amplitude factors, rigid, elastic), so a seed always means the same deformation.
+    factor = _amplitude_factors(n, params, generator)
+    matrix, shift = _draw_rigid(n, params, generator, factor)
+    elastic = _elastic_canvas(n, h + 2 * margin, w + 2 * margin, params, generator)
+    elastic = (elastic * factor.view(n, 1, 1, 1)).to(device).float()
     inverse = torch.linalg.inv(matrix)
     matrix, inverse, shift = matrix.to(device), inverse.to(device), shift.to(device)
     centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=torch.float64, device=device)

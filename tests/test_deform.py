@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bsafuse.deform import DeformParams, augment_pair, random_deformation, random_field
+from bsafuse.deform import NEAR_FACTOR, DeformParams, augment_pair, random_deformation, random_field
 from bsafuse.warp import jacobian_determinant, pixel_grid, warp
 
 STILL = DeformParams(rotate_deg=0, translate_px=0, scale=0, elastic_px=0)
@@ -115,6 +115,21 @@ def test_magnitude_is_bounded_by_the_params(params: DeformParams, bound: float) 
     assert largest > 0.3 * bound  # and the amplitudes are actually used
     if params.translate_px == 3 and params.elastic_px == 0:
         assert field.abs().amax().item() <= 3 + 1e-5  # per axis
+
+
+def test_near_share_makes_that_share_of_draws_small_and_leaves_plain_seeds_alone() -> None:
+    params = DeformParams(rotate_deg=4, translate_px=5, scale=0.04)
+    plain = random_field((64, 48, 48), params, seeded(2))
+    assert torch.equal(plain, random_field((64, 48, 48), DeformParams(**{**vars(params), "near_share": 0.0}), seeded(2)))
+    bound = params.max_displacement_px(48, 48)
+    everyone = random_field((64, 48, 48), DeformParams(**{**vars(params), "near_share": 1.0}), seeded(2))
+    assert everyone.norm(dim=1).amax().item() <= NEAR_FACTOR * bound + 1e-4
+    half = random_field((400, 48, 48), DeformParams(**{**vars(params), "near_share": 0.5}), seeded(3))
+    mean = half.norm(dim=1).mean(dim=(1, 2))
+    plain_mean = random_field((400, 48, 48), params, seeded(3)).norm(dim=1).mean(dim=(1, 2))
+    assert mean.median() < 0.75 * plain_mean.median()  # half the draws are at most half as large
+    with pytest.raises(ValueError, match=r"near_share must be a share in \[0, 1\], got 1.5"):
+        DeformParams(near_share=1.5)
 
 
 def test_fields_do_not_fold_at_the_largest_elastic_amplitude() -> None:
