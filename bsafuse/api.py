@@ -30,6 +30,11 @@ How a pair is handled (design.md §1 and §5):
 - *Pre-alignment.* `prealign="rigid"|"affine"` first registers the moving slice to the fixed one with
   SimpleITK (default: rigid, for 2-D pairs and volume slices alike: the v2 networks are trained on
   what it leaves); the reported flow is the total (pre-alignment composed with the network's flow).
+- *Nearly aligned pairs.* Where the pre-alignment moves a slice by less than NEAR_ALIGNED_PX on
+  average (scaled from 256 px to the slice's size), it is not applied and the network registers
+  the slice alone (`FuseResult.prealign_skipped`): that motion is inside what the network was
+  trained on, while the mutual-information optimum of a PET or SPECT slice against its MRI lies a
+  few pixels from the anatomical alignment (design.md §5).
 - *Guard.* Where the network's flow leaves a slice less similar to the fixed one than the
   pre-alignment alone (normalised mutual information, which works across modalities), the
   network's registration is dropped for that slice: the pre-alignment is kept and the network
@@ -51,6 +56,7 @@ from torch import Tensor
 
 from bsafuse._pair import ImageLike, pair_in_fixed_grid
 from bsafuse.choices import DEFAULT_PREALIGN, PREALIGN_KINDS, Prealign, Precision
+from bsafuse.data import REFERENCE_SIZE
 from bsafuse.device import autocast_for
 from bsafuse.errors import InputError
 from bsafuse.io import MedicalImage
@@ -63,6 +69,10 @@ if TYPE_CHECKING:
     from bsafuse.model import BSAFusion
 
 log = logging.getLogger(__name__)
+
+# Pixels at 256 px (scaled to the slice's larger side): a pre-alignment that moves a slice less than
+# this on average is not applied. Chosen on 12 deformed training pairs per type (design.md §5).
+NEAR_ALIGNED_PX = 5.0
 
 Progress = Callable[[int, int, str], None]  # (done, total, what) after each step
 
@@ -81,6 +91,7 @@ def fuse(
     progress: Progress | None = None,
     guard: bool = True,
     ignore_geometry: bool = False,
+    near_aligned_px: float = NEAR_ALIGNED_PX,
 ) -> FuseResult:
     """Register `moving` onto `fixed` and fuse them with `model`, in the fixed image's grid.
 
@@ -89,7 +100,9 @@ def fuse(
     `prealign` is "none", "rigid" or "affine"; None means DEFAULT_PREALIGN (rigid). With `guard`,
     a slice whose pair the network's flow leaves less similar (normalised mutual information)
     than the pre-alignment alone keeps the pre-alignment (`FuseResult.fallback_slices`, and a
-    logged warning). `ignore_geometry` centres the moving image on the fixed one instead of placing
+    logged warning). A slice that the pre-alignment would move less than `near_aligned_px` (at
+    256 px; 0 turns this off) is registered by the network alone (`FuseResult.prealign_skipped`).
+    `ignore_geometry` centres the moving image on the fixed one instead of placing
     both by their headers (pairs without a shared frame of reference). Volume slices go through the
     network `batch_size` at a time. See the module docstring.
     """
@@ -109,13 +122,31 @@ def fuse(
         sl = slice(lo, min(lo + max(1, batch_size), total))
         outputs.append(
             _fuse_slices(
-                moving_s[sl], fixed_s[sl], model, colour=colour, prealign=kind, precision=precision, guard=guard
+                moving_s[sl],
+                fixed_s[sl],
+                model,
+                colour=colour,
+                prealign=kind,
+                precision=precision,
+                guard=guard,
+                near_aligned_px=near_aligned_px,
             )
         )
         if progress is not None:
             progress(sl.stop, total, "slices")
-    fused, warped, flow, valid, dropped = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
+    fused, warped, flow, valid, dropped, skipped = (
+        np.concatenate(parts) for parts in zip(*outputs, strict=True)
+    )
     fallback = tuple(int(i) for i in np.flatnonzero(dropped))
+    prealign_skipped = tuple(int(i) for i in np.flatnonzero(skipped))
+    if prealign_skipped:
+        log.info(
+            "%s pre-alignment moved %d of %d slices by under %g px; not applied",
+            kind,
+            len(prealign_skipped),
+            total,
+            near_aligned_px,
+        )
     if fallback:
         where = "" if not is_volume else f" in {len(fallback)} of {total} slices"
         pair = f"{fixed.name}: " if isinstance(fixed, MedicalImage) and fixed.path is not None else ""
@@ -138,6 +169,7 @@ def fuse(
         prealign=kind,
         seconds=time.perf_counter() - start,
         fallback_slices=fallback,
+        prealign_skipped=prealign_skipped,
     )
 
 
@@ -150,8 +182,9 @@ def _fuse_slices(
     prealign: str,
     precision: Precision,
     guard: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One batch of same-sized slices -> fused, warped, flow (N, 2, H, W), valid, dropped (N,)."""
+    near_aligned_px: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of same-sized slices -> fused, warped, flow (N, 2, H, W), valid, dropped, skipped (N,)."""
     from bsafuse.io.color import ycbcr_to_rgb
     from bsafuse.model import identity_registration
 
@@ -160,6 +193,10 @@ def _fuse_slices(
     mov = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
     fix = torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
     pre = _prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
+    skipped = torch.zeros(len(mov), dtype=torch.bool)
+    if pre is not None:
+        skipped = pre.norm(dim=1).mean(dim=(1, 2)) < near_aligned_px * max(fixed.shape[-2:]) / REFERENCE_SIZE
+        pre[skipped] = 0.0
     base = pre.to(device) if pre is not None else torch.zeros_like(fix).expand(-1, 2, -1, -1)
     mov_in = warp(mov, base) if pre is not None else mov
     fused_t, net_flow = _network(model, mov_in, fix, precision)
@@ -187,6 +224,7 @@ def _fuse_slices(
         _np(flow),
         _np(valid)[:, 0],
         _np(dropped),
+        _np(skipped),
     )
 
 

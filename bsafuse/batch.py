@@ -82,6 +82,7 @@ class Runner:
     _models: dict[str, BSAFusion] = field(default_factory=dict)
     _used: dict[int, str] = field(default_factory=dict)  # job index -> weights used
     _fallback: dict[int, list[int]] = field(default_factory=dict)  # job index -> fallback slices
+    _skipped: dict[int, list[int]] = field(default_factory=dict)  # job index -> prealign_skipped
     _rank: int = 0
 
     def run(
@@ -216,6 +217,7 @@ class Runner:
             ignore_geometry=self.ignore_geometry,
         )
         self._fallback[job.index] = list(res.fallback_slices)
+        self._skipped[job.index] = list(res.prealign_skipped)
         return res, loaded
 
     def _write(self, job: _Job, computed: tuple[FuseResult, _Loaded]) -> None:
@@ -233,6 +235,7 @@ class Runner:
     ) -> PairOutcome:
         """The outcome of job `index`, with what its computation recorded (weights, fallback)."""
         used, fallback = self._used.pop(index, None), self._fallback.pop(index, [])
+        skipped = self._skipped.pop(index, [])
         if isinstance(error, (WeightsError, DeviceError)):
             raise error  # no other pair can escape these: stop the run
         if isinstance(error, OSError):  # a full disk or an unwritable folder stops this pair, not the run
@@ -240,7 +243,7 @@ class Runner:
             return PairOutcome(moving, fixed, outputs.main, "failed", message, seconds, used, self._rank)
         if error is not None:
             return PairOutcome(moving, fixed, outputs.main, "failed", str(error), seconds, used, self._rank)
-        return PairOutcome(moving, fixed, outputs.main, "ok", None, seconds, used, self._rank, fallback)
+        return PairOutcome(moving, fixed, outputs.main, "ok", None, seconds, used, self._rank, fallback, skipped)
 
     def _model_for(self, moving: MedicalImage) -> tuple[BSAFusion, str]:
         """The model for this moving image (one load per checkpoint) and how reports name it."""

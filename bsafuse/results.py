@@ -37,6 +37,9 @@ class FuseResult:
     # Slices where the network's flow made the pair less similar (normalised mutual information)
     # than the pre-alignment alone, and was dropped: the pre-alignment is kept there (design.md §5).
     fallback_slices: tuple[int, ...] = ()
+    # Slices that the pre-alignment would have moved by less than api.NEAR_ALIGNED_PX: the network
+    # registered them alone (design.md §5).
+    prealign_skipped: tuple[int, ...] = ()
 
     @property
     def is_volume(self) -> bool:
@@ -62,6 +65,9 @@ class PairOutcome:
     # Slices (0 for a 2-D pair) where the network's flow was dropped because it left the pair
     # less similar than the pre-alignment alone (FuseResult.fallback_slices).
     fallback_slices: list[int] = field(default_factory=list)
+    # Slices registered by the network alone because the pre-alignment hardly moved them
+    # (FuseResult.prealign_skipped).
+    prealign_skipped_slices: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (paths as strings): what --json prints and torchrun ranks exchange."""

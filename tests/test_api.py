@@ -88,6 +88,18 @@ def test_guard_keeps_a_network_flow_that_helps() -> None:
     assert float(result.flow[0].mean()) == pytest.approx(4.0, rel=1e-4)
 
 
+def test_a_pre_alignment_that_hardly_moves_the_pair_is_not_applied() -> None:
+    # 128 px: NEAR_ALIGNED_PX (5 px at 256) is 2.5 px here. A still network shows what was kept.
+    near = fuse(phantom(128, 128, shift=1.5), phantom(128, 128), PlantedModel((0.0, 0.0), 128), guard=False)
+    assert near.prealign_skipped == (0,) and float(np.abs(near.flow).max()) == 0.0
+    applied = fuse(
+        phantom(128, 128, shift=1.5), phantom(128, 128), PlantedModel((0.0, 0.0), 128), guard=False, near_aligned_px=0
+    )
+    assert applied.prealign_skipped == () and float(applied.flow[0].mean()) == pytest.approx(1.5, abs=0.3)
+    far = fuse(phantom(128, 128, shift=8), phantom(128, 128), PlantedModel((0.0, 0.0), 128), guard=False)
+    assert far.prealign_skipped == () and float(far.flow[0].mean()) == pytest.approx(8.0, abs=0.5)
+
+
 def test_grey_pair_shapes_and_ranges(tiny_model: nn.Module) -> None:
     moving, fixed = phantom(shift=3), phantom()
     result = fuse(moving, fixed, tiny_model)

@@ -9,7 +9,8 @@ alignment module's flow is replaced by zeros, so MMFF fuses the pair as given):
 - ``bsafuse``: the default pipeline on the deformed pair: SimpleITK rigid pre-alignment, then
   the network registers what remains and fuses (api.fuse with its default ``prealign``).
 - ``network``: the network alone on the deformed pair (``--prealign none``).
-- ``rigid``: the rigid pre-alignment alone, then the network's fusion of the pre-warped pair.
+- ``rigid``: the rigid pre-alignment alone (applied even where it hardly moves the pair), then the
+  network's fusion of the pre-warped pair.
 - ``none``: no registration: the network's fusion of the unaligned pair, flow 0.
 - ``simpleitk``: SimpleITK (Mattes mutual information, affine then B-spline,
   ``prealign.register_classical(kind="bspline")``), then the network's fusion of the pre-warped
@@ -45,7 +46,6 @@ from bsafuse.working_size import keep_fixed_outside
 if TYPE_CHECKING:
     from bsafuse.device import Precision
     from bsafuse.model import BSAFusion
-
 
 
 @dataclass(frozen=True)
@@ -100,15 +100,25 @@ class MethodRunner:
             np.clip(fused, 0, 1).astype(np.float32), flow, warped, time.perf_counter() - start
         )
 
-    def _fuse(self, moving: np.ndarray, fixed: np.ndarray, *, register: bool, prealign: str = "none") -> Any:
-        from bsafuse.api import fuse
+    def _fuse(
+        self,
+        moving: np.ndarray,
+        fixed: np.ndarray,
+        *,
+        register: bool,
+        prealign: str = "none",
+        near: bool = True,
+    ) -> Any:
+        from bsafuse.api import NEAR_ALIGNED_PX, fuse
 
         if self.model is None:
             raise BsafuseError("this method needs the network; load a model (--weights)")
+        options: dict[str, Any] = {"precision": self.precision, "prealign": prealign}
+        options["near_aligned_px"] = NEAR_ALIGNED_PX if near else 0.0
         if register:
-            return fuse(moving, fixed, self.model, precision=self.precision, prealign=prealign)  # type: ignore[arg-type]
+            return fuse(moving, fixed, self.model, **options)
         with identity_registration(self.model):
-            return fuse(moving, fixed, self.model, precision=self.precision, prealign=prealign)  # type: ignore[arg-type]
+            return fuse(moving, fixed, self.model, **options)
 
     def _classical_flow(self, case: Case) -> np.ndarray:
         if self._classical is None or self._classical[0] != case.name:
@@ -128,7 +138,7 @@ class MethodRunner:
         return result.fused, result.flow, result.warped
 
     def _rigid(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        result = self._fuse(case.moving, case.fixed, register=False, prealign="rigid")
+        result = self._fuse(case.moving, case.fixed, register=False, prealign="rigid", near=False)
         return result.fused, result.flow, result.warped
 
     def _none(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
