@@ -150,12 +150,13 @@ def fuse(
     if fallback:
         where = "" if not is_volume else f" in {len(fallback)} of {total} slices"
         pair = f"{fixed.name}: " if isinstance(fixed, MedicalImage) and fixed.path is not None else ""
+        unregistered = kind == "none" or set(fallback) <= set(prealign_skipped)
         log.warning(
             "%sthe network's registration made the pair less similar than %s%s; kept %s",
             pair,
-            "no registration" if kind == "none" else f"{kind} pre-alignment alone",
+            "no registration" if unregistered else f"{kind} pre-alignment alone",
             where,
-            "the unregistered pair" if kind == "none" else f"the {kind} pre-alignment",
+            "the unregistered pair" if unregistered else f"the {kind} pre-alignment",
         )
     if not is_volume:
         fused, warped, flow, valid = fused[0], warped[0], flow[0], valid[0]
