@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 METHODS: dict[str, str] = {
-    "bsafuse": "the default pipeline: rigid pre-alignment, then the network registers and fuses",
+    "bsafuse": "the default pipeline (fuse): rigid pre-alignment unless it would move the pair under 5 px, "
+    "then the network registers and fuses",
     "network": "the network alone (--prealign none) registers and fuses the deformed pair",
     "rigid": "SimpleITK rigid pre-alignment alone, then the network's fusion",
     "none": "no registration (flow 0), the network's fusion of the unaligned pair",

@@ -6,7 +6,8 @@ fusion rule, the methods other than `bsafuse` align the pair first and then use 
 fusion stage with its own registration switched off (:func:`identity_registration`: the
 alignment module's flow is replaced by zeros, so MMFF fuses the pair as given):
 
-- ``bsafuse``: the default pipeline on the deformed pair: SimpleITK rigid pre-alignment, then
+- ``bsafuse``: the default pipeline on the deformed pair: SimpleITK rigid pre-alignment (skipped
+  where it would move the pair under api.NEAR_ALIGNED_PX), then
   the network registers what remains and fuses (api.fuse with its default ``prealign``).
 - ``network``: the network alone on the deformed pair (``--prealign none``).
 - ``rigid``: the rigid pre-alignment alone (applied even where it hardly moves the pair), then the
