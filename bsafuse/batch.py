@@ -81,8 +81,8 @@ class Runner:
     ignore_geometry: bool = False  # centre the moving image on the fixed one (api.fuse)
     _models: dict[str, BSAFusion] = field(default_factory=dict)
     _used: dict[int, str] = field(default_factory=dict)  # job index -> weights used
-    _fallback: dict[int, list[int]] = field(default_factory=dict)  # job index -> fallback slices
-    _skipped: dict[int, list[int]] = field(default_factory=dict)  # job index -> prealign_skipped
+    # job index -> (fallback_slices, prealign_skipped) of its FuseResult
+    _slices: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
     _rank: int = 0
 
     def run(
@@ -216,8 +216,7 @@ class Runner:
             progress=step,
             ignore_geometry=self.ignore_geometry,
         )
-        self._fallback[job.index] = list(res.fallback_slices)
-        self._skipped[job.index] = list(res.prealign_skipped)
+        self._slices[job.index] = (list(res.fallback_slices), list(res.prealign_skipped))
         return res, loaded
 
     def _write(self, job: _Job, computed: tuple[FuseResult, _Loaded]) -> None:
@@ -234,8 +233,7 @@ class Runner:
         index: int,
     ) -> PairOutcome:
         """The outcome of job `index`, with what its computation recorded (weights, fallback)."""
-        used, fallback = self._used.pop(index, None), self._fallback.pop(index, [])
-        skipped = self._skipped.pop(index, [])
+        used, (fallback, skipped) = self._used.pop(index, None), self._slices.pop(index, ([], []))
         if isinstance(error, (WeightsError, DeviceError)):
             raise error  # no other pair can escape these: stop the run
         if isinstance(error, OSError):  # a full disk or an unwritable folder stops this pair, not the run
