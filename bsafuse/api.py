@@ -55,8 +55,14 @@ import torch
 from torch import Tensor
 
 from bsafuse._pair import ImageLike, pair_in_fixed_grid
-from bsafuse.choices import DEFAULT_PREALIGN, PREALIGN_KINDS, Prealign, Precision
-from bsafuse.data import REFERENCE_SIZE
+from bsafuse.choices import (
+    DEFAULT_PREALIGN,
+    NEAR_ALIGNED_PX,
+    PREALIGN_KINDS,
+    REFERENCE_SIZE,
+    Prealign,
+    Precision,
+)
 from bsafuse.device import autocast_for
 from bsafuse.errors import InputError
 from bsafuse.io import MedicalImage
@@ -69,10 +75,6 @@ if TYPE_CHECKING:
     from bsafuse.model import BSAFusion
 
 log = logging.getLogger(__name__)
-
-# Pixels at 256 px (scaled to the slice's larger side): a pre-alignment that moves a slice less than
-# this on average is not applied. Chosen on 12 deformed training pairs per type (design.md §5).
-NEAR_ALIGNED_PX = 5.0
 
 Progress = Callable[[int, int, str], None]  # (done, total, what) after each step
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from bsafuse.choices import REFERENCE_SIZE
 from bsafuse.deform import DeformParams, augment_pair, random_deformation
 from bsafuse.errors import InputError
 from bsafuse.io import SUPPORTED
@@ -45,7 +46,7 @@ from bsafuse.working_size import split_luma, to_working
 log = logging.getLogger(__name__)
 
 FIXED_FOLDER = "MRI"
-REFERENCE_SIZE = 256  # px: the size deformation amplitudes (DeformParams) are given for
+# REFERENCE_SIZE (bsafuse.choices): the size deformation amplitudes (DeformParams) are given for
 _CASE_SLICE = re.compile(r"(\d+)(\d{3})(?!\d)")
 _TRAIN_STREAM, _VAL_STREAM, _SPLIT_STREAM = 0, 1, 2
 

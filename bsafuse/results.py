@@ -37,7 +37,7 @@ class FuseResult:
     # Slices where the network's flow made the pair less similar (normalised mutual information)
     # than the pre-alignment alone, and was dropped: the pre-alignment is kept there (design.md §5).
     fallback_slices: tuple[int, ...] = ()
-    # Slices that the pre-alignment would have moved by less than api.NEAR_ALIGNED_PX: the network
+    # Slices that the pre-alignment would have moved by less than choices.NEAR_ALIGNED_PX: the network
     # registered them alone (design.md §5).
     prealign_skipped: tuple[int, ...] = ()
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from bsafuse.choices import NEAR_ALIGNED_PX
+
 METHODS: dict[str, str] = {
-    "bsafuse": "the default pipeline (fuse): rigid pre-alignment unless it would move the pair under 5 px, "
-    "then the network registers and fuses",
+    "bsafuse": "the default pipeline (fuse): rigid pre-alignment unless it would move the pair under "
+    f"{NEAR_ALIGNED_PX:g} px, then the network registers and fuses",
     "network": "the network alone (--prealign none) registers and fuses the deformed pair",
     "rigid": "SimpleITK rigid pre-alignment alone, then the network's fusion",
     "none": "no registration (flow 0), the network's fusion of the unaligned pair",

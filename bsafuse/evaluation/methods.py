@@ -7,7 +7,7 @@ fusion stage with its own registration switched off (:func:`identity_registratio
 alignment module's flow is replaced by zeros, so MMFF fuses the pair as given):
 
 - ``bsafuse``: the default pipeline on the deformed pair: SimpleITK rigid pre-alignment (skipped
-  where it would move the pair under api.NEAR_ALIGNED_PX), then
+  where it would move the pair under choices.NEAR_ALIGNED_PX), then
   the network registers what remains and fuses (api.fuse with its default ``prealign``).
 - ``network``: the network alone on the deformed pair (``--prealign none``).
 - ``rigid``: the rigid pre-alignment alone (applied even where it hardly moves the pair), then the
@@ -110,7 +110,8 @@ class MethodRunner:
         prealign: str = "none",
         near: bool = True,
     ) -> Any:
-        from bsafuse.api import NEAR_ALIGNED_PX, fuse
+        from bsafuse.api import fuse
+        from bsafuse.choices import NEAR_ALIGNED_PX
 
         if self.model is None:
             raise BsafuseError("this method needs the network; load a model (--weights)")

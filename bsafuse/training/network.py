@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from bsafuse import data as data_mod
+from bsafuse.choices import REFERENCE_SIZE
 from bsafuse.config import ModelConfig
-from bsafuse.data import REFERENCE_SIZE
 from bsafuse.model import BSAFusion
 from bsafuse.training.config import ModelSize, Recipe
 from bsafuse.weights import load_checkpoint
