@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"
 EXAMPLES = REPO / "examples" / "data"
 UPDATE = os.environ.get("BSAFUSE_UPDATE_GOLDEN") == "1"
-PAIRS = {  # pair type -> an example pair of that kind (all from validation cases, never trained on)
+# pair type -> an example pair of that kind (CT case 20 and PET case 25 are validation cases; the
+# SPECT pair's case 10 was trained on)
+PAIRS = {
     "ct-mri": EXAMPLES / "CT-MRI" / "{}" / "20010.png",
     "pet-mri": EXAMPLES / "PET-MRI" / "{}" / "25020.png",
     "spect-mri": EXAMPLES / "SPECT-MRI" / "{}" / "10014.png",
