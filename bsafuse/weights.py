@@ -70,8 +70,8 @@ REGISTRY: dict[str, Checkpoint] = {
         Checkpoint("pet-mri-v1", "bsafuse-pet-mri-v1.pt", "1865a99f236e3d276d9dc3ab4e8ce197ed73e2583e7f37002b612dfd3b4b6012"),
         Checkpoint("spect-mri-v1", "bsafuse-spect-mri-v1.pt", "227424caf377c86226f6d60e3138cd2191d5433b1813a1d854a4c2fb9595fe3e"),
         Checkpoint("ct-mri-v2", "bsafuse-ct-mri-v2.pt", "74a1642a0221d4a52cb333b10d89bf84d00d95a1598410adde02e6bb16e8e48c"),
-        Checkpoint("pet-mri-v2", "bsafuse-pet-mri-v2.pt", "6c968f8c6121ef408d337e29d8c4e851c40497819622e07f5548d5b5ab4eb2f0"),
-        Checkpoint("spect-mri-v2", "bsafuse-spect-mri-v2.pt", "b8a399c8cfcaf92c25e3bddc56b78c9fa4cf5842bc6e31a5cedf2880bad87c39"),
+        Checkpoint("pet-mri-v2", "bsafuse-pet-mri-v2.pt", "c0cbc30fd952963d450a5fad2b97ec10bf54113d920108f7a837e5066427a793"),
+        Checkpoint("spect-mri-v2", "bsafuse-spect-mri-v2.pt", "0c7ff9dec55aaa49ffc9aa11ec1d69be138a378b9f62c758a83953d0443de4ea"),
     )
 }
 # The unversioned names stand for the newest release of each pair type (what `auto` picks).
