@@ -23,6 +23,7 @@ item, so validation numbers compare across epochs and runs with the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -282,9 +283,28 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return math.ceil(len(self._base) / batch_size)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def ignore_sigint(worker_id: int) -> None:
     """DataLoader worker_init_fn: leave Ctrl-C and SIGTERM to the main process, which stops at a step
     boundary and saves. `timeout` and job schedulers signal the whole process group; a worker that
-    died of SIGTERM would turn the orderly stop into a DataLoader error."""
+    died of SIGTERM would turn the orderly stop into a DataLoader error.
+
+    Workers are born with both signals blocked (`stop_signals_blocked` around the loader's
+    iterator): torch installs its own SIGTERM handler in a new worker before this runs, and a
+    signal in between would kill it. Ignoring a blocked signal discards it once unblocked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block SIGINT and SIGTERM while DataLoader workers are forked (they inherit the mask, see
+    ignore_sigint); a signal that arrives meanwhile reaches the main process when this ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

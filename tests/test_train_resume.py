@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_data import make_folder
 
+from bsafuse import data as data_mod
 from bsafuse.errors import WeightsError
 from bsafuse.weights import load_checkpoint, read_checkpoint
 
@@ -133,3 +136,31 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(tiny_d
     assert "Traceback" not in text and "DataLoader" not in text
     assert "stopped in epoch" in text
     assert 1 <= read_checkpoint(run / "last.pt")["epoch"] < 50
+
+
+def _worker_in_the_window(ready: Any, go: Any) -> None:
+    """A loader worker between torch's handler setup and worker_init_fn: SIGTERM would kill it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    ready.set()
+    go.wait(10)
+    data_mod.ignore_sigint(0)  # the worker_init_fn: ignore, then unblock (a pending SIGTERM is dropped)
+    time.sleep(0.2)
+
+
+def test_a_worker_born_with_stop_signals_blocked_survives_sigterm_before_its_init() -> None:
+    context = multiprocessing.get_context("fork")
+    ready, go = context.Event(), context.Event()
+    with data_mod.stop_signals_blocked():
+        worker = context.Process(target=_worker_in_the_window, args=(ready, go))
+        worker.start()
+    try:
+        assert ready.wait(10)
+        os.kill(worker.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        time.sleep(0.2)
+        go.set()
+        worker.join(10)
+    finally:
+        if worker.is_alive():
+            worker.kill()
+    assert worker.exitcode == 0  # without the blocked mask it dies of SIGTERM (-15)
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the main's mask is back

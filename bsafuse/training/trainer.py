@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from bsafuse import data as data_mod
 from bsafuse._version import __version__
 from bsafuse.device import autocast_for
 from bsafuse.losses import LOSS_TERMS, SUMMARY_TERMS, update_mu
@@ -146,7 +147,9 @@ class Trainer:
         self.net.train()
         step = state.step
         with self._epoch_rng():
-            for batch in self.data.loader:
+            with data_mod.stop_signals_blocked():  # the loader forks its workers here
+                batches = iter(self.data.loader)
+            for batch in batches:
                 loss, terms, n = self._train_step(batch)
                 accumulate(sums, terms, n)
                 step += 1
