@@ -138,26 +138,23 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits(tiny_d
     assert 1 <= read_checkpoint(run / "last.pt")["epoch"] < 50
 
 
-def _worker_in_the_window(ready: Any, go: Any) -> None:
+def _worker_in_the_window(ready: Any) -> None:
     """A loader worker between torch's handler setup and worker_init_fn: SIGTERM would kill it."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     ready.set()
-    go.wait(10)
+    time.sleep(0.5)  # the parent signals meanwhile (no lock shared with it: a dead worker hangs none)
     data_mod.ignore_sigint(0)  # the worker_init_fn: ignore, then unblock (a pending SIGTERM is dropped)
-    time.sleep(0.2)
 
 
 def test_a_worker_born_with_stop_signals_blocked_survives_sigterm_before_its_init() -> None:
     context = multiprocessing.get_context("fork")
-    ready, go = context.Event(), context.Event()
+    ready = context.Event()
     with data_mod.stop_signals_blocked():
-        worker = context.Process(target=_worker_in_the_window, args=(ready, go))
+        worker = context.Process(target=_worker_in_the_window, args=(ready,))
         worker.start()
     try:
         assert ready.wait(10)
         os.kill(worker.pid, signal.SIGTERM)  # type: ignore[arg-type]
-        time.sleep(0.2)
-        go.set()
         worker.join(10)
     finally:
         if worker.is_alive():
