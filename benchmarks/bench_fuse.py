@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         "--only", choices=("optimised", "reference"), help="time one path alone (for its peak memory)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
+    parser.add_argument(
+        "--transfer-scores",
+        action="store_true",
+        help="also run the frozen modality classifier (L_ce2's input; `bsafuse fuse` skips it)",
+    )
     parser.add_argument("--no-tune", action="store_true", help="skip bsafuse's OMP/malloc process settings")
     parser.add_argument("--no-cpu", action="store_true", help="CUDA rows only")
     parser.add_argument("--json", action="store_true")
@@ -48,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     facts = setup(threads=args.threads, tune=not args.no_tune)
     import torch
 
-    paths = build(args.config, compile_model=args.compile)
+    paths = build(args.config, compile_model=args.compile, transfer_scores=args.transfer_scores)
+    facts["transfer_scores"] = args.transfer_scores
     if args.only:
         paths = {args.only: paths[args.only]}
     model = paths.get("optimised", paths.get("reference"))
@@ -67,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build(config: str, *, compile_model: bool = False) -> dict[str, Any]:
-    """The optimised model and bsafuse's reference path (the paper's equations as written, NCHW),
-    with the same seeded weights."""
+def build(config: str, *, compile_model: bool = False, transfer_scores: bool = False) -> dict[str, Any]:
+    """The optimised model as `bsafuse fuse` runs it (without the frozen classifier's scores,
+    which only the training loss reads, unless `transfer_scores`) and bsafuse's reference path
+    (the paper's equations as written, NCHW, every output), with the same seeded weights."""
     import copy
 
     import torch
@@ -78,10 +85,20 @@ def build(config: str, *, compile_model: bool = False) -> dict[str, Any]:
     from bsafuse.model import BSAFusion
     from bsafuse.model.reference import ReferenceForward
 
+    class Inference(torch.nn.Module):
+        def __init__(self, net: BSAFusion) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, moving: Any, fixed: Any) -> Any:
+            return self.net(moving, fixed, transfer_scores=transfer_scores)
+
     torch.manual_seed(0)
     model = BSAFusion(ModelConfig.paper() if config == "paper" else ModelConfig.small()).eval()
     reference = ReferenceForward(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).eval()
-    optimised: Any = torch.compile(model, dynamic=False) if compile_model else model
+    optimised: Any = Inference(model).eval()
+    if compile_model:
+        optimised = torch.compile(optimised, dynamic=False)
     return {"optimised": optimised, "reference": reference}
 
 

@@ -249,7 +249,7 @@ def _network(model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precisi
     height, width = moving.shape[-2:]
     place = placement(height, width, model.config.image_size)
     with torch.inference_mode(), autocast_for(moving.device, precision):
-        out = model(place.to_working(moving), place.to_working(fixed))
+        out = model(place.to_working(moving), place.to_working(fixed), transfer_scores=False)
     return place.image_back(out.fused.float()).clamp(0, 1), place.flow_back(out.flow)
 
 

@@ -183,6 +183,8 @@ def total_loss(
     end-point term ``flow`` joins them (not in the paper; see LossWeights.flow).
     """
     weights = weights or LossWeights()
+    if out.logits_moving_transfer is None or out.logits_fixed_transfer is None:
+        raise ValueError("L_ce2 needs the transfer logits: run the model with transfer_scores=True")
     check_same_size(moving, fixed, names=("moving", "fixed"))
     check_same_size(label, fixed, names=("label", "fixed"))
     terms: dict[str, Tensor] = {

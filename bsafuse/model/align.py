@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsafuse.config import AlignConfig
-from bsafuse.model.speed import channels_last, instance_norm
+from bsafuse.model.speed import channels_last, instance_norm, spatial_amax
 from bsafuse.warp import resize_flow, warp
 
 Direction = Literal["forward", "reverse"]
@@ -60,7 +60,7 @@ class SpatialCrossAttention(nn.Module):
         keys = F.relu(self.key(both))
         score = F.relu(self.query(both)) * torch.cat((keys[n:], keys[:n]))
         score = score.float()
-        gate = torch.exp(score - score.amax(dim=(-2, -1), keepdim=True)).to(both.dtype)  # softmax / peak
+        gate = torch.exp(score - spatial_amax(score)).to(both.dtype)  # softmax / peak
         out = torch.addcmul(both, both, gate)  # x + x * gate
         return out[:n] + out[n:]
 

@@ -9,13 +9,14 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from bsafuse.model.speed import channels_last, pointwise_then_spatial
+from bsafuse.model.speed import channel_attention, channels_last, layer_norm_channels, pointwise_then_spatial
 
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of a (N, C, H, W) map, as in Restormer.
 
-    On channels_last memory the permutes are views: no copy either way.
+    On channels_last memory the permutes are views: no copy either way (up to 4 channels the
+    moments are taken in NCHW memory instead: `speed.layer_norm_channels`).
     """
 
     def __init__(self, channels: int) -> None:
@@ -24,9 +25,7 @@ class LayerNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.permute(0, 2, 3, 1)  # channels last for layer_norm
-        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, 1e-5)
-        return x.permute(0, 3, 1, 2)
+        return layer_norm_channels(x, self.weight, self.bias, 1e-5)
 
 
 class ChannelAttention(nn.Module):
@@ -36,6 +35,7 @@ class ChannelAttention(nn.Module):
     grouped conv). q and k are L2-normalised over the pixels and their C/h x C/h products scaled
     by a learned temperature, so the softmax neither saturates at large images nor starves the
     q/k convs of gradient (the public BSAFusion code's unnormalised single softmax does both).
+    The attention and the 1x1 projection run as `speed.channel_attention` (one Gram matrix).
     """
 
     def __init__(self, channels: int, heads: int) -> None:
@@ -47,17 +47,9 @@ class ChannelAttention(nn.Module):
         self.project = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        qkv = pointwise_then_spatial(x, self.qkv, self.qkv_spatial)  # (n, 3C, h, w)
-        q, k, v = rearrange(qkv, "n (three g c) h w -> three n g c (h w)", three=3, g=self.heads)
-        # normalise in fp32: a sum of 65 536 squares is too coarse in bf16
-        q = F.normalize(q.float(), dim=-1)
-        k = F.normalize(k.float(), dim=-1)
-        attn = torch.softmax(q @ k.transpose(-2, -1) * self.temperature.float(), dim=-1)  # (n, g, c, c)
-        # attn @ v computed as (v^T attn^T)^T, already in NHWC order; identical as (A V)^T = V^T A^T
-        out = v.transpose(-2, -1) @ attn.transpose(-2, -1).to(v.dtype)  # (n, g, hw, c)
-        out = rearrange(out, "n g (h w) c -> n h w (g c)", h=h, w=w)
-        return self.project(out.permute(0, 3, 1, 2))  # (n, C, h, w) viewing NHWC memory
+        (qkv,) = pointwise_then_spatial(x, self.qkv, self.qkv_spatial)  # (n, 3C, h, w)
+        # softmax(q^ k^T t) v and the projection from one Gram matrix of q, k (model/speed.py)
+        return channel_attention(qkv, self.heads, self.temperature, self.project)
 
 
 class GatedFeedForward(nn.Module):
@@ -71,8 +63,10 @@ class GatedFeedForward(nn.Module):
         self.project = nn.Conv2d(hidden, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = pointwise_then_spatial(x, self.expand, self.spatial).chunk(2, dim=1)
-        return self.project(F.gelu(a) * b)
+        a, b = pointwise_then_spatial(x, self.expand, self.spatial, parts=2)
+        gate = F.gelu(a)
+        # in place where no gradient is kept (mul_'s backward would need the overwritten GELU)
+        return self.project(gate.mul_(b) if not torch.is_grad_enabled() else gate * b)
 
 
 class RestormerBlock(nn.Module):

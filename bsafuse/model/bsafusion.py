@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 
 
 class FusionOutput(NamedTuple):
-    """Everything one forward pass gives, always the same ten fields (losses.total_loss reads them)."""
+    """Everything one forward pass gives, always the same ten fields (losses.total_loss reads them).
+
+    The transfer logits are None when the pass ran with ``transfer_scores=False`` (inference).
+    """
 
     fused: Tensor  # (N, 1, H, W) in [0, 1]; the fixed image where the warped moving has no data
     flow: Tensor  # (N, 2, H, W) pixels, warps moving onto fixed
@@ -41,8 +44,8 @@ class FusionOutput(NamedTuple):
     flows_fixed: tuple[Tensor, ...]  # K step flows phi_B^i
     logits_moving: Tensor  # (N, 2) encoder modality logits of A (L_ce1 target: class 1)
     logits_fixed: Tensor  # (N, 2) of B (class 0)
-    logits_moving_transfer: Tensor  # (N, 2) frozen-classifier logits y'_A of A's transferred tokens (L_ce2)
-    logits_fixed_transfer: Tensor  # (N, 2) of B's
+    logits_moving_transfer: Tensor | None  # (N, 2) frozen-classifier logits y'_A of A's transferred tokens (L_ce2)
+    logits_fixed_transfer: Tensor | None  # (N, 2) of B's
 
 
 class BSAFusion(nn.Module):
@@ -79,8 +82,12 @@ class BSAFusion(nn.Module):
         """Copy the encoder's Transformer layers and MLP into the frozen classifier (each epoch)."""
         self.scorer.refresh(self.encoder)
 
-    def forward(self, moving: Tensor, fixed: Tensor) -> FusionOutput:
-        """moving, fixed: (N, 1, H, W) in [0, 1], H and W multiples of ``config.stride``."""
+    def forward(self, moving: Tensor, fixed: Tensor, *, transfer_scores: bool = True) -> FusionOutput:
+        """moving, fixed: (N, 1, H, W) in [0, 1], H and W multiples of ``config.stride``.
+
+        ``transfer_scores=False`` skips the frozen classifier of Eq. 3, whose logits only L_ce2
+        reads (5 % of a forward pass): inference runs without it, training and validation with it.
+        """
         self._check_inputs(moving, fixed)
         size = (moving.shape[-2], moving.shape[-1])
         enc = self.encoder(torch.cat((moving, fixed), dim=0))  # A rows, then B rows (it acts per sample)
@@ -91,7 +98,9 @@ class BSAFusion(nn.Module):
         # Eqs. 2-3: inject the other image's MFRH, transfer, classify the result
         moved_a = self.transfer_a(inject_modality(tokens_a, tokens_b[:, 0]))
         moved_b = self.transfer_b(inject_modality(tokens_b, tokens_a[:, 0]))
-        scores_a, scores_b = self.scorer(torch.cat((moved_a, moved_b), dim=0)).chunk(2, dim=0)
+        scores_a = scores_b = None
+        if transfer_scores:
+            scores_a, scores_b = self.scorer(torch.cat((moved_a, moved_b), dim=0)).chunk(2, dim=0)
 
         # Eqs. 4-7: stepwise flows from the transferred token maps
         grid = (size[0] // self.config.stride, size[1] // self.config.stride)

@@ -32,7 +32,7 @@ from bsafuse.model.align import (
     total_flow,
     upsample2,
 )
-from bsafuse.model.blocks import ChannelAttention, GatedFeedForward, RestormerBlock
+from bsafuse.model.blocks import ChannelAttention, GatedFeedForward, LayerNorm2d, RestormerBlock
 from bsafuse.model.bsafusion import BSAFusion, FusionOutput, keep_fixed_outside
 from bsafuse.model.encoder import EncodedPair, SharedEncoder, inject_modality, token_map
 from bsafuse.model.fuse import FusionBlock, MultimodalFusion, feature_pyramid
@@ -57,11 +57,17 @@ def gated_feed_forward(module: GatedFeedForward, x: Tensor) -> Tensor:
     return module.project(F.gelu(a) * b)
 
 
+def layer_norm(module: LayerNorm2d, x: Tensor) -> Tensor:
+    """LayerNorm over the channels of each pixel."""
+    out = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], module.weight, module.bias, 1e-5)
+    return out.permute(0, 3, 1, 2)
+
+
 def restormer_block(module: RestormerBlock, x: Tensor) -> Tensor:
     """1x1 conv in -> out channels, then x + MDTA(LN(x)) and x + GDFN(LN(x))."""
     x = module.embed(x)
-    x = x + channel_attention(module.attention, module.norm1(x))
-    return x + gated_feed_forward(module.feed_forward, module.norm2(x))
+    x = x + channel_attention(module.attention, layer_norm(module.norm1, x))
+    return x + gated_feed_forward(module.feed_forward, layer_norm(module.norm2, x))
 
 
 def shared_encoder(module: SharedEncoder, image: Tensor) -> EncodedPair:
