@@ -188,7 +188,7 @@ def layer_norm_channels(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> 
         out = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], weight, bias, eps)
         return out.permute(0, 3, 1, 2)  # views on channels_last memory
     planes = x.contiguous()  # NCHW: the moments are sums of C planes
-    var, mean = torch.var_mean(planes, dim=1, keepdim=True, correction=0)
-    out = (planes - mean) * torch.rsqrt(var + eps)
+    centred = planes - planes.mean(dim=1, keepdim=True)  # (var_mean over dim 1 is a slow path)
+    out = centred * torch.rsqrt(centred.square().mean(dim=1, keepdim=True) + eps)
     out = torch.addcmul(bias.view(1, -1, 1, 1), out, weight.view(1, -1, 1, 1))
     return out.contiguous(memory_format=torch.channels_last)
