@@ -86,18 +86,13 @@ def pointwise_then_spatial(
     same = spatial.stride == (1, 1) and spatial.dilation == (1, 1) and spatial.padding == (1, 1)
     # the general form, and in training (the in-place border fix would copy the gradient 8 times):
     # the bias as an all-ones input channel
-    if torch.is_grad_enabled() or not same or spatial.kernel_size != (3, 3):
-        ones = x.new_ones((x.shape[0], 1, *x.shape[-2:]))
-        out = F.conv2d(
-            torch.cat((x, ones), dim=1),
-            kernel,
-            spatial.bias,
-            stride=spatial.stride,
-            padding=spatial.padding,
-            dilation=spatial.dilation,
-        )
-        return out.chunk(parts, dim=1)
     bias = spatial.bias if spatial.bias is not None else kernel.new_zeros(kernel.shape[0])
+    if torch.is_grad_enabled() or not same or spatial.kernel_size != (3, 3):
+        stacked = torch.cat((x, x.new_ones((x.shape[0], 1, *x.shape[-2:]))), dim=1)
+        return tuple(
+            F.conv2d(stacked, k, b, stride=spatial.stride, padding=spatial.padding, dilation=spatial.dilation)
+            for k, b in zip(kernel.chunk(parts), bias.chunk(parts), strict=True)
+        )
     outs = []
     for k, b in zip(kernel.chunk(parts), bias.chunk(parts), strict=True):
         outs.append(_bias_with_border(F.conv2d(x, k[:, :c], b + k[:, c].sum((-2, -1)), padding=1), k[:, c]))
