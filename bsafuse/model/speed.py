@@ -106,6 +106,12 @@ def _bias_with_border(out: Tensor, taps: Tensor) -> Tensor:
     first row has no row above it, so row 0 of the taps did not apply there, and so on for the
     other edges; corners had two edges removed and get their shared tap back. In place.
     """
+    h, w = out.shape[-2:]
+    if h > 1 and w > 1:  # both edges of a side in one strided view: three in-place ops
+        out[:, :, :: h - 1, :] -= taps[:, ::2].sum(-1)[..., None]  # rows 0, h-1 lose taps rows 0, 2
+        out[:, :, :, :: w - 1] -= taps[:, :, ::2].sum(1)[:, None, :]  # columns 0, w-1
+        out[:, :, :: h - 1, :: w - 1] += taps[:, ::2, ::2]  # the four corners
+        return out
     top, bottom = taps[:, 0].sum(-1), taps[:, 2].sum(-1)  # (O,)
     left, right = taps[:, :, 0].sum(-1), taps[:, :, 2].sum(-1)
     out[:, :, 0, :] -= top[:, None]
