@@ -142,7 +142,7 @@ def output(rows: list[dict[str, Any]], facts: dict[str, Any], *, title: str, as_
     table = Table(title=title, title_justify="left")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     for column in columns:
-        table.add_column(column, justify="left" if column in ("what", "device", "path") else "right")
+        table.add_column(column, justify="left" if column in ("what", "device", "path", "variant") else "right")
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     console = Console(width=200)  # no truncated columns when piped

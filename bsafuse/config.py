@@ -14,6 +14,7 @@ Presets:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,9 +216,15 @@ class LossWeights:
     # the on-the-fly misalignment provides. 0 is the paper's recipe; bsafuse's quick CPU recipe
     # uses it, because the unsupervised terms alone barely move the flow in a CPU-sized budget.
     flow: float = 0.0
+    # mu of Eq. 11 (the weight of SSIM(F, B) against SSIM(F, W(A))). None: the paper's rule, set
+    # each epoch to the ratio of the two SSIMs (losses.update_mu), which favours the image the
+    # fused one already resembles (the MRI: mu settles near 2); a number: that mu for every epoch.
+    mu: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "smooth_steps", tuple(float(w) for w in self.smooth_steps))
+        if self.mu is not None and not (math.isfinite(self.mu) and self.mu > 0):
+            raise ValueError(f"LossWeights.mu must be a positive number (or unset), got {self.mu}")
         for name in ("ce1", "ce2", "consis", "smooth", "struct", "grad", "inten", "smooth_total", "flow"):
             value = getattr(self, name)
             if value < 0:

@@ -72,6 +72,20 @@ def full_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+def test_mu_follows_the_ssim_ratio_unless_the_recipe_fixes_it(
+    full_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    adaptive = [float(r["mu"]) for r in _rows(full_run)]
+    assert adaptive[0] == 1.0 and adaptive[1] != 1.0  # the paper's rule moves it after epoch 1
+    config = tiny_config(tiny_data, tmp_path, epochs=2)
+    config = TrainConfig.preset(
+        "quick", config.to_dict(), {"recipe": {"losses": {"mu": 1.5}}}, data_dir=tiny_data, run_dir=tmp_path
+    )
+    Trainer(config).fit()
+    assert [float(r["mu"]) for r in _rows(tmp_path)] == [1.5, 1.5]
+    assert read_checkpoint(tmp_path / "last.pt")["mu"] == 1.5
+
+
 def test_fit_writes_run_files(full_run: Path) -> None:
     assert {p.name for p in full_run.iterdir()} >= {"config.json", "metrics.csv", "last.pt", "best.pt"}
     rows = _rows(full_run)

@@ -113,6 +113,8 @@ class Trainer:
         if resume is not None:
             self.optimisation.restore(resume)
             self.state = TrainState.from_checkpoint(resume, is_main=self.place.is_main)
+        if config.recipe.losses.mu is not None:  # a fixed mu from the first epoch on
+            self.state.mu = config.recipe.losses.mu
 
     def request_stop(self) -> None:
         """Stop at the next step boundary, saving last.pt (safe to call from a signal handler)."""
@@ -188,7 +190,8 @@ class Trainer:
         row: dict[str, Any] = {"epoch": state.epoch + 1, "lr": lr, "mu": state.mu}
         row.update({f"train_{k}": v / count for k, v in sorted(totals.items())})
         ssim_fixed, ssim_moving = totals.get("ssim_fused_fixed", 0.0), totals.get("ssim_fused_moving", 0.0)
-        state.mu = float(update_mu(ssim_fixed, ssim_moving))
+        fixed_mu = self.config.recipe.losses.mu
+        state.mu = fixed_mu if fixed_mu is not None else float(update_mu(ssim_fixed, ssim_moving))
         self.model.refresh_modality_scorer()
         self.scheduler.step()
         state.epoch, state.step, state.partial = state.epoch + 1, 0, {}
