@@ -62,7 +62,8 @@ class PlantedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
         self.inputs: list[tuple[int, ...]] = []
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> SimpleNamespace:
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, *, transfer_scores: bool = True) -> SimpleNamespace:
+        assert not transfer_scores  # inference asks for the fused image and the flow only
         self.inputs.append(tuple(moving.shape))
         flow = self.align(moving).flow
         warped = warp(moving, flow)
