@@ -157,7 +157,8 @@ def test_composed_convolutions_keep_the_border_exact(groups: int) -> None:
     spatial = nn.Conv2d(6 * groups, 6 * groups, 3, padding=1, groups=groups)
     nn.init.uniform_(pointwise.bias, 1.0, 2.0)  # type: ignore[arg-type]  # a bias the border must not see
     x = torch.rand(2, 4, 9, 7)
-    for image in (x, torch.zeros_like(x), x[..., :1, :], x[..., :, :1]):  # one-pixel rows: both edges at once
+    # one- and two-pixel rows and columns: both edges at once, or next to each other
+    for image in (x, torch.zeros_like(x), x[..., :1, :], x[..., :, :1], x[..., :2, :], x[..., :, :2]):
         expected = spatial(pointwise(image))
         assert (expected[..., 0, :] - expected[..., -1, :]).abs().max() > 0.1 or image.any()  # border differs
         # with a gradient: the bias as an all-ones channel; without: a constant with its border fixed

@@ -86,7 +86,7 @@ class BSAFusion(nn.Module):
         """moving, fixed: (N, 1, H, W) in [0, 1], H and W multiples of ``config.stride``.
 
         ``transfer_scores=False`` skips the frozen classifier of Eq. 3, whose logits only L_ce2
-        reads (5 % of a forward pass): inference runs without it, training and validation with it.
+        reads (about 8 % of a forward pass): inference runs without it, training and validation with it.
         """
         self._check_inputs(moving, fixed)
         size = (moving.shape[-2], moving.shape[-1])

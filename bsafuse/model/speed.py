@@ -84,10 +84,10 @@ def pointwise_then_spatial(
     kernel = composed_kernel(pointwise, spatial).to(x.dtype)
     c = x.shape[1]
     same = spatial.stride == (1, 1) and spatial.dilation == (1, 1) and spatial.padding == (1, 1)
-    # the general form, and in training (the in-place border fix would copy the gradient 8 times):
-    # the bias as an all-ones input channel
+    # the general form, one-pixel rows or columns, and training (each in-place op of the border
+    # fix would copy the whole gradient): the bias as an all-ones input channel
     bias = spatial.bias if spatial.bias is not None else kernel.new_zeros(kernel.shape[0])
-    if torch.is_grad_enabled() or not same or spatial.kernel_size != (3, 3):
+    if torch.is_grad_enabled() or not same or spatial.kernel_size != (3, 3) or min(x.shape[-2:]) < 2:
         stacked = torch.cat((x, x.new_ones((x.shape[0], 1, *x.shape[-2:]))), dim=1)
         return tuple(
             F.conv2d(stacked, k, b, stride=spatial.stride, padding=spatial.padding, dilation=spatial.dilation)
@@ -106,22 +106,10 @@ def _bias_with_border(out: Tensor, taps: Tensor) -> Tensor:
     first row has no row above it, so row 0 of the taps did not apply there, and so on for the
     other edges; corners had two edges removed and get their shared tap back. In place.
     """
-    h, w = out.shape[-2:]
-    if h > 1 and w > 1:  # both edges of a side in one strided view: three in-place ops
-        out[:, :, :: h - 1, :] -= taps[:, ::2].sum(-1)[..., None]  # rows 0, h-1 lose taps rows 0, 2
-        out[:, :, :, :: w - 1] -= taps[:, :, ::2].sum(1)[:, None, :]  # columns 0, w-1
-        out[:, :, :: h - 1, :: w - 1] += taps[:, ::2, ::2]  # the four corners
-        return out
-    top, bottom = taps[:, 0].sum(-1), taps[:, 2].sum(-1)  # (O,)
-    left, right = taps[:, :, 0].sum(-1), taps[:, :, 2].sum(-1)
-    out[:, :, 0, :] -= top[:, None]
-    out[:, :, -1, :] -= bottom[:, None]
-    out[:, :, :, 0] -= left[:, None]
-    out[:, :, :, -1] -= right[:, None]
-    out[:, :, 0, 0] += taps[:, 0, 0]
-    out[:, :, 0, -1] += taps[:, 0, 2]
-    out[:, :, -1, 0] += taps[:, 2, 0]
-    out[:, :, -1, -1] += taps[:, 2, 2]
+    h, w = out.shape[-2:]  # both at least 2 (pointwise_then_spatial): one strided view per side
+    out[:, :, :: h - 1, :] -= taps[:, ::2].sum(-1)[..., None]  # rows 0, h-1 lose tap rows 0, 2
+    out[:, :, :, :: w - 1] -= taps[:, :, ::2].sum(1)[:, None, :]  # columns 0, w-1
+    out[:, :, :: h - 1, :: w - 1] += taps[:, ::2, ::2]  # the four corners
     return out
 
 
