@@ -16,7 +16,7 @@ from test_train_config import RUN_TOML
 from typer.testing import CliRunner
 
 from bsafuse.cli import app
-from bsafuse.errors import DeviceError, OutputError
+from bsafuse.errors import DeviceError, InputError, OutputError
 from bsafuse.training import TrainConfig, Trainer, TrainEvent, read_resume
 from bsafuse.weights import load_checkpoint, read_checkpoint
 
@@ -84,6 +84,23 @@ def test_mu_follows_the_ssim_ratio_unless_the_recipe_fixes_it(
     Trainer(config).fit()
     assert [float(r["mu"]) for r in _rows(tmp_path)] == [1.5, 1.5]
     assert read_checkpoint(tmp_path / "last.pt")["mu"] == 1.5
+
+
+def test_frozen_parts_keep_their_weights_while_the_rest_trains(tiny_data: Path, tmp_path: Path) -> None:
+    registration = ("encoder", "transfer_a", "transfer_b", "align")
+    config = tiny_config(tiny_data, tmp_path, epochs=1)
+    config = TrainConfig.preset(
+        "quick", config.to_dict(), {"recipe": {"freeze": list(registration)}}, data_dir=tiny_data, run_dir=tmp_path
+    )
+    trainer = Trainer(config)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    after = read_checkpoint(tmp_path / "last.pt")["state_dict"]
+    for key, value in before.items():
+        same = torch.equal(value, after[key].to(value.dtype))
+        assert same == (key.split(".")[0] in (*registration, "scorer")), key
+    with pytest.raises(InputError, match="recipe.freeze"):
+        TrainConfig.preset("quick", {"recipe": {"freeze": ["decoder"]}}, data_dir=tiny_data, run_dir=tmp_path)
 
 
 def test_fit_writes_run_files(full_run: Path) -> None:

@@ -2,7 +2,7 @@
 
     TrainConfig
       recipe   Recipe: model, image_size, epochs, batch_size, lr, lr_min, grad_clip, seed, init,
-               pair, val_cases, val_fraction, losses (config.LossWeights), deform (deform.DeformParams,
+               pair, val_cases, val_fraction, freeze, losses (config.LossWeights), deform (deform.DeformParams,
                amplitudes for 256 px), augment (Augmentation)
       run      RunSettings: data_dir, run_dir, device, precision, workers, val_every
 
@@ -36,6 +36,8 @@ from bsafuse.errors import InputError
 from bsafuse.training.presets import PRESETS, ModelSize, Preset
 from bsafuse.typed_dicts import build, merge, plain
 
+# The network's parts (BSAFusion's modules) that recipe.freeze may name; the scorer is always frozen.
+FREEZABLE = ("encoder", "transfer_a", "transfer_b", "align", "fuse")
 MU_INIT = 1.0  # mu of the first epoch, before any epoch's SSIM sums exist (not a setting)
 # Settings of the flat layout that are constants now: accepted at these values only.
 RETIRED = {"mu_init": MU_INIT, "quality_metrics": True}
@@ -98,10 +100,16 @@ class Recipe:
     pair: str | None = None  # e.g. "ct-mri": picks DATA_DIR/CT-MRI when DATA_DIR holds pair folders
     val_cases: tuple[str, ...] | None = None  # validation cases; None: drawn with val_fraction
     val_fraction: float = 0.15  # share of cases held out when val_cases is not given
+    # Parts of the network that keep their weights (see FREEZABLE): e.g. the registration half
+    # (encoder, transfer_a, transfer_b, align) while the fusion trains; () trains everything.
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.val_cases is not None:
             object.__setattr__(self, "val_cases", tuple(self.val_cases))
+        object.__setattr__(self, "freeze", tuple(self.freeze))
+        unknown = [name for name in self.freeze if name not in FREEZABLE]
+        _check(not unknown, "recipe.freeze", list(self.freeze), f"name parts of {', '.join(FREEZABLE)}")
         for name, kind in (("losses", LossWeights), ("deform", DeformParams), ("augment", Augmentation)):
             value = getattr(self, name)
             _check(isinstance(value, kind), f"recipe.{name}", value, f"use a {kind.__name__}")

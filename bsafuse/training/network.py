@@ -67,10 +67,14 @@ def run_model(recipe: Recipe, resume: Mapping[str, Any] | None = None) -> BSAFus
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_of(recipe.seed, INIT_STREAM, 0, 0))
         if resume is not None:
-            return load_checkpoint(dict(resume))
-        if recipe.init is not None:
-            return initial_model(recipe.init, recipe.image_size)
-        return BSAFusion(model_config(recipe.model, recipe.image_size))
+            model = load_checkpoint(dict(resume))
+        elif recipe.init is not None:
+            model = initial_model(recipe.init, recipe.image_size)
+        else:
+            model = BSAFusion(model_config(recipe.model, recipe.image_size))
+    for name in recipe.freeze:  # these parts keep their weights (the optimiser skips them)
+        getattr(model, name).requires_grad_(False)
+    return model
 
 
 def _resized(config: ModelConfig, image_size: int) -> ModelConfig:
