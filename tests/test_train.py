@@ -99,7 +99,7 @@ def test_frozen_parts_keep_their_weights_while_the_rest_trains(tiny_data: Path, 
     for key, value in before.items():
         same = torch.equal(value, after[key].to(value.dtype))
         assert same == (key.split(".")[0] in (*registration, "scorer")), key
-    with pytest.raises(InputError, match="recipe.freeze"):
+    with pytest.raises(InputError, match=r"recipe\.freeze"):
         TrainConfig.preset("quick", {"recipe": {"freeze": ["decoder"]}}, data_dir=tiny_data, run_dir=tmp_path)
 
 
