@@ -89,19 +89,20 @@ def _variants(net: Any) -> dict[str, Callable[[Any, Any], Any]]:
         "amax": amax_before,
     }
 
+    def install(forms: dict[str, Any]) -> None:
+        blocks.ChannelAttention.forward = forms["attention"]
+        blocks.GatedFeedForward.forward = forms["feed_forward"]
+        blocks.layer_norm_channels, align.spatial_amax = forms["layer_norm"], forms["amax"]
+
     def variant(*old: str, scores: bool = False) -> Callable[[Any, Any], Any]:
         forms = {k: (before if k in old else now)[k] for k in now}
 
         def call(moving: Any, fixed: Any) -> Any:
-            blocks.ChannelAttention.forward = forms["attention"]
-            blocks.GatedFeedForward.forward = forms["feed_forward"]
-            blocks.layer_norm_channels, align.spatial_amax = forms["layer_norm"], forms["amax"]
+            install(forms)
             try:
                 return net(moving, fixed, transfer_scores=scores)
             finally:
-                blocks.ChannelAttention.forward = now["attention"]
-                blocks.GatedFeedForward.forward = now["feed_forward"]
-                blocks.layer_norm_channels, align.spatial_amax = now["layer_norm"], now["amax"]
+                install(now)
 
         return call
 

@@ -190,8 +190,8 @@ class Trainer:
         row: dict[str, Any] = {"epoch": state.epoch + 1, "lr": lr, "mu": state.mu}
         row.update({f"train_{k}": v / count for k, v in sorted(totals.items())})
         ssim_fixed, ssim_moving = totals.get("ssim_fused_fixed", 0.0), totals.get("ssim_fused_moving", 0.0)
-        fixed_mu = self.config.recipe.losses.mu
-        state.mu = fixed_mu if fixed_mu is not None else float(update_mu(ssim_fixed, ssim_moving))
+        if self.config.recipe.losses.mu is None:  # else state.mu holds the fixed one (__init__)
+            state.mu = float(update_mu(ssim_fixed, ssim_moving))
         self.model.refresh_modality_scorer()
         self.scheduler.step()
         state.epoch, state.step, state.partial = state.epoch + 1, 0, {}
