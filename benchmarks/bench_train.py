@@ -9,6 +9,7 @@ Random weights and images.
     python benchmarks/bench_train.py                     # paper config, 256 px: the ratios
     python benchmarks/bench_train.py --config small      # the network the shipped weights use
     python benchmarks/bench_train.py --only optimised    # one path alone, for its peak memory
+    python benchmarks/bench_train.py --compile           # the optimised network under torch.compile
 
 Never run as a test.
 """
@@ -19,6 +20,7 @@ import argparse
 import functools
 import os
 import statistics
+import time
 from typing import Any
 
 from _common import interleaved, output, peak_rss_gb, ratio_row, setup
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per path and round")
     parser.add_argument(
         "--only", choices=("optimised", "reference"), help="time one path alone (for its peak memory)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the optimised network (compile time reported)"
     )
     parser.add_argument("--no-tune", action="store_true", help="skip bsafuse's OMP/malloc process settings")
     parser.add_argument("--no-cpu", action="store_true")
@@ -75,7 +80,8 @@ def run(args: argparse.Namespace, device: str, batch: int, precision: str) -> di
     torch.manual_seed(0)
     model = BSAFusion(ModelConfig.paper() if args.config == "paper" else ModelConfig.small()).to(device).train()
     reference = ReferenceForward(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).train()
-    paths = {"optimised": model, "reference": reference}
+    forward: Any = torch.compile(model, dynamic=False) if args.compile else model
+    paths = {"optimised": forward, "reference": reference}
     if args.only:
         paths = {args.only: paths[args.only]}
     g = torch.Generator().manual_seed(1)
@@ -95,6 +101,12 @@ def run(args: argparse.Namespace, device: str, batch: int, precision: str) -> di
         optimiser = torch.optim.Adam([p for p in forward.parameters() if p.requires_grad], lr=5e-5)
         calls[name] = functools.partial(step, forward, optimiser)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    compile_s = None
+    if args.compile and "optimised" in calls:  # the first steps compile (forward and backward graphs)
+        start = time.perf_counter()
+        calls["optimised"]()
+        sync()
+        compile_s = time.perf_counter() - start
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = interleaved(calls, rounds=args.rounds, reps=args.steps, warmup=1, sync=sync)
@@ -104,6 +116,8 @@ def run(args: argparse.Namespace, device: str, batch: int, precision: str) -> di
     else:
         (name, values), = times.items()
         row.update(path=name, median_s=statistics.median(values), samples_per_s=batch / statistics.median(values))
+    if compile_s is not None:
+        row["compile_s"] = compile_s
     row["peak_gb"] = torch.cuda.max_memory_allocated() / (1 << 30) if device == "cuda" else peak_rss_gb()
     return row
 
