@@ -80,8 +80,8 @@ def run(args: argparse.Namespace, device: str, batch: int, precision: str) -> di
     torch.manual_seed(0)
     model = BSAFusion(ModelConfig.paper() if args.config == "paper" else ModelConfig.small()).to(device).train()
     reference = ReferenceForward(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).train()
-    forward: Any = torch.compile(model, dynamic=False) if args.compile else model
-    paths = {"optimised": forward, "reference": reference}
+    optimised: Any = torch.compile(model, dynamic=False) if args.compile else model
+    paths = {"optimised": optimised, "reference": reference}
     if args.only:
         paths = {args.only: paths[args.only]}
     g = torch.Generator().manual_seed(1)
