@@ -20,10 +20,9 @@ import argparse
 import functools
 import os
 import statistics
-import time
 from typing import Any
 
-from _common import interleaved, output, peak_rss_gb, ratio_row, setup
+from _common import interleaved, output, peak_rss_gb, ratio_row, setup, timed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,11 +101,8 @@ def run(args: argparse.Namespace, device: str, batch: int, precision: str) -> di
         calls[name] = functools.partial(step, forward, optimiser)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     compile_s = None
-    if args.compile and "optimised" in calls:  # the first steps compile (forward and backward graphs)
-        start = time.perf_counter()
-        calls["optimised"]()
-        sync()
-        compile_s = time.perf_counter() - start
+    if args.compile and "optimised" in calls:  # the first step compiles (forward and backward graphs)
+        (compile_s,) = timed(calls["optimised"], warmup=0, reps=1, sync=sync)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = interleaved(calls, rounds=args.rounds, reps=args.steps, warmup=1, sync=sync)
