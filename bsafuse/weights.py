@@ -69,9 +69,9 @@ REGISTRY: dict[str, Checkpoint] = {
         Checkpoint("ct-mri-v1", "bsafuse-ct-mri-v1.pt", "34caa3494cadcfb7aa99314c7bdbb943b74f6981d4d1ba15587ec85f04c0ab74"),
         Checkpoint("pet-mri-v1", "bsafuse-pet-mri-v1.pt", "1865a99f236e3d276d9dc3ab4e8ce197ed73e2583e7f37002b612dfd3b4b6012"),
         Checkpoint("spect-mri-v1", "bsafuse-spect-mri-v1.pt", "227424caf377c86226f6d60e3138cd2191d5433b1813a1d854a4c2fb9595fe3e"),
-        Checkpoint("ct-mri-v2", "bsafuse-ct-mri-v2.pt", "e2811408f2fed612622bf805efb5c38494aa5ed351af42143237192da0c431bd"),
+        Checkpoint("ct-mri-v2", "bsafuse-ct-mri-v2.pt", "1258cc7fe9bc133a99ebfabd4db54684b5833ed91c276e43859c1df6c37df8b9"),
         Checkpoint("pet-mri-v2", "bsafuse-pet-mri-v2.pt", "05dcd3e56179ade575e0ad2356b37a539a9029fbfcbde9504dd798775e0fd445"),
-        Checkpoint("spect-mri-v2", "bsafuse-spect-mri-v2.pt", "0c7ff9dec55aaa49ffc9aa11ec1d69be138a378b9f62c758a83953d0443de4ea"),
+        Checkpoint("spect-mri-v2", "bsafuse-spect-mri-v2.pt", "3c9bb4bcbd19158e385bd36f05b67f0cd3f2d2e3770c42c5f036f6a3634cc413"),
     )
 }
 # The unversioned names stand for the newest release of each pair type (what `auto` picks).
