@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsafuse.config import AlignConfig
-from bsafuse.model.speed import channels_last, instance_norm, spatial_amax
+from bsafuse.model.speed import (
+    channels_last,
+    channels_last_gradient,
+    instance_norm,
+    pointwise,
+    spatial_amax,
+)
 from bsafuse.warp import resize_flow, warp
 
 Direction = Literal["forward", "reverse"]
@@ -57,11 +63,20 @@ class SpatialCrossAttention(nn.Module):
         # attend(d, f) + attend(f, d) computed as one batch [d; f]; identical: both share every weight
         n = d.shape[0]
         both = torch.cat((d, f))  # (2N, C, h, w): rows [:n] attend(d, f), rows [n:] attend(f, d)
-        keys = F.relu(self.key(both))
+        if not torch.is_grad_enabled():  # the same steps in place: no gradient needs the inputs
+            score = self.query(both).relu_()
+            keys = self.key(both).relu_()
+            score[:n].mul_(keys[n:])
+            score[n:].mul_(keys[:n])
+            logits = score.float()
+            gate = logits.sub_(spatial_amax(logits)).exp_().to(both.dtype)  # softmax / peak
+            out = gate.mul_(both).add_(both)
+            return out[:n] + out[n:]
+        keys = channels_last_gradient(F.relu(self.key(both)))  # sliced below: keep its gradient NHWC
         score = F.relu(self.query(both)) * torch.cat((keys[n:], keys[:n]))
         score = score.float()
         gate = torch.exp(score - spatial_amax(score)).to(both.dtype)  # softmax / peak
-        out = torch.addcmul(both, both, gate)  # x + x * gate
+        out = channels_last_gradient(torch.addcmul(both, both, gate))  # x + x * gate
         return out[:n] + out[n:]
 
 
@@ -96,7 +111,7 @@ class RegistrationLayer(nn.Module):
 
     def forward(self, feat_a: Tensor, feat_b: Tensor, d: Tensor) -> tuple[Tensor, Tensor | None]:
         own, other = (feat_a, feat_b) if self.direction == "forward" else (feat_b, feat_a)
-        f_cn = self.reduce(torch.cat((own, other), dim=1))  # F_cn^i, reduced to C: (N, C, h, w)
+        f_cn = pointwise(torch.cat((own, other), dim=1), self.reduce)  # F_cn^i, reduced to C: (N, C, h, w)
         x = self.attention(d, f_cn)
         x = x + F.leaky_relu(self.refine(x), 0.2)  # D^i
         flow = torch.tanh(self.flow_head(x).float()) * self.max_step  # (N, 2, h, w) px of this scale
@@ -104,7 +119,7 @@ class RegistrationLayer(nn.Module):
             return flow, None
         reduce, act = self.state_up
         # state_up(up2(D^i)) computed as act(up2(conv1x1(D^i))); identical: a 1x1 conv commutes with up2
-        return flow, act(upsample2(reduce(x)))  # (N, C_next, 2h, 2w)
+        return flow, act(upsample2(pointwise(x, reduce)))  # (N, C_next, 2h, 2w)
 
 
 class FeatureUp(nn.Sequential):
@@ -123,7 +138,7 @@ class FeatureUp(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         up, reduce, spatial, norm, act = self
         # up then 1x1 conv computed as 1x1 conv then up; identical: a 1x1 conv commutes with bilinear
-        x = up(reduce(x))  # (N, C_next, 2h, 2w)
+        x = up(pointwise(x, reduce))  # (N, C_next, 2h, 2w)
         return act(instance_norm(spatial(x), norm))  # type: ignore[arg-type]
 
 
@@ -168,8 +183,8 @@ class BidirectionalAlignment(nn.Module):
             if i < len(self.ups):
                 # Eq. 6: F_j^(i+1) = up2(W(F_j^i, phi_j^i)), j = A, B, for both sides as one batch (the
                 # warp and the shared up-module act per sample, so batching changes nothing)
-                warped = warp(torch.cat((feat_a, feat_b)), torch.cat((flow_a, flow_b)))
-                feat_a, feat_b = self.ups[i](channels_last(warped)).chunk(2, dim=0)
+                warped = warp(channels_last_gradient(torch.cat((feat_a, feat_b))), torch.cat((flow_a, flow_b)))
+                feat_a, feat_b = channels_last_gradient(self.ups[i](channels_last(warped))).chunk(2, dim=0)
         # Eq. 7's two sums computed as sum_i up(phi_A^i - phi_B^i); identical because up is linear
         flow = total_flow([fa - fb for fa, fb in zip(flows_a, flows_b, strict=True)], size)
         return AlignmentOutput(flow, tuple(flows_a), tuple(flows_b))

@@ -9,7 +9,12 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from bsafuse.model.speed import channel_attention, channels_last, layer_norm_channels, pointwise_then_spatial
+from bsafuse.model.speed import (
+    channel_attention,
+    layer_norm_channels,
+    pointwise,
+    pointwise_then_spatial,
+)
 
 
 class LayerNorm2d(nn.Module):
@@ -66,7 +71,7 @@ class GatedFeedForward(nn.Module):
         a, b = pointwise_then_spatial(x, self.expand, self.spatial, parts=2)
         gate = F.gelu(a)
         # in place where no gradient is kept (mul_'s backward would need the overwritten GELU)
-        return self.project(gate.mul_(b) if not torch.is_grad_enabled() else gate * b)
+        return pointwise(gate.mul_(b) if not torch.is_grad_enabled() else gate * b, self.project)
 
 
 class RestormerBlock(nn.Module):
@@ -81,7 +86,7 @@ class RestormerBlock(nn.Module):
         self.feed_forward = GatedFeedForward(out_channels, expansion)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = channels_last(self.embed(x))
+        x = pointwise(x, self.embed)
         x = x + self.attention(self.norm1(x))
         return x + self.feed_forward(self.norm2(x))
 
@@ -96,7 +101,9 @@ class SelfAttention(nn.Module):
         self.project = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "n t (three g d) -> three n g t d", three=3, g=self.heads)
+        qkv = rearrange(self.qkv(x), "n t (three g d) -> three n g t d", three=3, g=self.heads)
+        # contiguous q, k, v: on strided views the CPU attention kernels ran ~2x slower, backward too
+        q, k, v = qkv.contiguous().unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # (n, g, t, d)
         return self.project(rearrange(out, "n g t d -> n t (g d)"))
 

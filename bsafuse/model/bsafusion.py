@@ -24,6 +24,7 @@ from bsafuse.model.encoder import (
     token_map,
 )
 from bsafuse.model.fuse import MultimodalFusion, feature_pyramid
+from bsafuse.model.speed import channels_last_gradient
 from bsafuse.warp import warp
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class BSAFusion(nn.Module):
         size = (moving.shape[-2], moving.shape[-1])
         enc = self.encoder(torch.cat((moving, fixed), dim=0))  # A rows, then B rows (it acts per sample)
         tokens_a, tokens_b = enc.tokens.chunk(2, dim=0)  # (N, 1 + P, dim)
-        shallow_a, shallow_b = enc.shallow.chunk(2, dim=0)
+        shallow_a, shallow_b = channels_last_gradient(enc.shallow).chunk(2, dim=0)
         logits_a, logits_b = enc.logits.chunk(2, dim=0)
 
         # Eqs. 2-3: inject the other image's MFRH, transfer, classify the result
@@ -109,7 +110,7 @@ class BSAFusion(nn.Module):
 
         # Eq. 10: fuse the features from before the transfer, at every step's scale
         pyramid = feature_pyramid(token_map(enc.tokens, grid), self.align.ups[:-1])  # A, B as one batch
-        pyramid_a, pyramid_b = zip(*(level.chunk(2, dim=0) for level in pyramid), strict=True)
+        pyramid_a, pyramid_b = zip(*(channels_last_gradient(level).chunk(2, dim=0) for level in pyramid), strict=True)
         fused = self.fuse(list(pyramid_a), list(pyramid_b), shallow_a, shallow_b, flow)
 
         # W(I_A, phi) and W(1, phi) computed as one warp of both as channels; identical: per-channel sampling
