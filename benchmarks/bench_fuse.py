@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=("optimised", "reference"), help="time one path alone (for its peak memory)"
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the optimised path")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="torch.compile the optimised path (dynamic=False; MODE e.g. max-autotune-no-cudagraphs)",
+    )
     parser.add_argument(
         "--transfer-scores",
         action="store_true",
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def build(config: str, *, compile_model: bool = False, transfer_scores: bool = False) -> dict[str, Any]:
+def build(config: str, *, compile_model: str | None = None, transfer_scores: bool = False) -> dict[str, Any]:
     """The optimised model as `bsafuse fuse` runs it (without the frozen classifier's scores,
     which only the training loss reads, unless `transfer_scores`) and bsafuse's reference path
     (the paper's equations as written, NCHW, every output), with the same seeded weights."""
@@ -100,7 +106,7 @@ def build(config: str, *, compile_model: bool = False, transfer_scores: bool = F
     reference = ReferenceForward(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).eval()
     optimised: Any = Inference(model).eval()
     if compile_model:
-        optimised = torch.compile(optimised, dynamic=False)
+        optimised = torch.compile(optimised, dynamic=False, mode=compile_model)
     return {"optimised": optimised, "reference": reference}
 
 

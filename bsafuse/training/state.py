@@ -57,13 +57,23 @@ class TrainState:
         )
 
 
+def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """torch's Adam, as its fused kernel where this torch has one for the device (CPU from torch 2.4):
+    one pass over each tensor instead of a dozen small ops (a paper-config step on 2 cores: 63 ->
+    26 ms). The same update up to float rounding; checkpoints load either way."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # older torch, or a device without the fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
 class Optimisation:
     """Adam with the cosine schedule of `recipe`, over the trainable parameters of `model`."""
 
     def __init__(self, model: torch.nn.Module, recipe: Recipe) -> None:
         self.recipe = recipe
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(trainable, lr=recipe.lr)
+        self.optimizer = adam(trainable, recipe.lr)
         # a lambda, not the bound method: LambdaLR then keeps nothing of it in its state_dict
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: self.lr_factor(e))
 
