@@ -110,8 +110,8 @@ def _variants(net: Any) -> dict[str, Callable[[Any, Any], Any]]:
         "all rewrites": variant(),
         "without the Gram-matrix channel attention": variant("attention"),
         "without the split feed-forward convolutions": variant("feed_forward"),
-        "without the 3-channel LayerNorm in NCHW": variant("layer_norm"),
-        "without the spatial maxima by halving": variant("amax"),
+        "without the few-channel LayerNorm in NCHW": variant("layer_norm"),
+        "without the spatial maxima in two steps": variant("amax"),
         "with the frozen classifier's transfer scores": variant(scores=True),
         "none of the five": variant("attention", "feed_forward", "layer_norm", "amax", scores=True),
     }
