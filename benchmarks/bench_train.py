@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         const="default",
         metavar="MODE",
-        help="torch.compile the optimised network (compile time reported; MODE e.g. max-autotune-no-cudagraphs)",
+        help="torch.compile the optimised network (compile time reported; "
+        "MODE e.g. max-autotune-no-cudagraphs)",
     )
     parser.add_argument("--no-tune", action="store_true", help="skip bsafuse's OMP/malloc process settings")
     parser.add_argument("--no-cpu", action="store_true")
@@ -84,7 +85,9 @@ def run(args: argparse.Namespace, device: str, batch: int, precision: str) -> di
     torch.manual_seed(0)
     model = BSAFusion(ModelConfig.paper() if args.config == "paper" else ModelConfig.small()).to(device).train()
     reference = ReferenceForward(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).train()
-    optimised: Any = torch.compile(model, dynamic=False, mode=args.compile) if args.compile else model
+    optimised: Any = model
+    if args.compile:
+        optimised = torch.compile(model, dynamic=False, mode=args.compile)
     paths = {"optimised": optimised, "reference": reference}
     if args.only:
         paths = {args.only: paths[args.only]}

@@ -183,7 +183,8 @@ class BidirectionalAlignment(nn.Module):
             if i < len(self.ups):
                 # Eq. 6: F_j^(i+1) = up2(W(F_j^i, phi_j^i)), j = A, B, for both sides as one batch (the
                 # warp and the shared up-module act per sample, so batching changes nothing)
-                warped = warp(channels_last_gradient(torch.cat((feat_a, feat_b))), torch.cat((flow_a, flow_b)))
+                both = channels_last_gradient(torch.cat((feat_a, feat_b)))
+                warped = warp(both, torch.cat((flow_a, flow_b)))
                 feat_a, feat_b = channels_last_gradient(self.ups[i](channels_last(warped))).chunk(2, dim=0)
         # Eq. 7's two sums computed as sum_i up(phi_A^i - phi_B^i); identical because up is linear
         flow = total_flow([fa - fb for fa, fb in zip(flows_a, flows_b, strict=True)], size)

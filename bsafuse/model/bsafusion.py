@@ -110,7 +110,8 @@ class BSAFusion(nn.Module):
 
         # Eq. 10: fuse the features from before the transfer, at every step's scale
         pyramid = feature_pyramid(token_map(enc.tokens, grid), self.align.ups[:-1])  # A, B as one batch
-        pyramid_a, pyramid_b = zip(*(channels_last_gradient(level).chunk(2, dim=0) for level in pyramid), strict=True)
+        halves = (channels_last_gradient(level).chunk(2, dim=0) for level in pyramid)
+        pyramid_a, pyramid_b = zip(*halves, strict=True)
         fused = self.fuse(list(pyramid_a), list(pyramid_b), shallow_a, shallow_b, flow)
 
         # W(I_A, phi) and W(1, phi) computed as one warp of both as channels; identical: per-channel sampling

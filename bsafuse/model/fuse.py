@@ -91,9 +91,11 @@ class MultimodalFusion(nn.Module):
         g: Tensor | None = None
         for block, feat_a, feat_b in zip(self.blocks, pyramid_a, pyramid_b, strict=True):
             size = (feat_a.shape[-2], feat_a.shape[-1])
-            aligned_a = channels_last(warp(channels_last_gradient(feat_a), resize_flow(flow, size, antialias=True)))  # Eq. 10's W
+            flow_here = resize_flow(flow, size, antialias=True)
+            aligned_a = channels_last(warp(channels_last_gradient(feat_a), flow_here))  # Eq. 10's W
             parts = (aligned_a, feat_b) if g is None else (aligned_a, feat_b, g)
             g = block(torch.cat(parts, dim=1))
         assert g is not None
-        x = torch.cat((g, shallow_b, channels_last(warp(channels_last_gradient(shallow_a), flow))), dim=1)  # (N, C_J + 2C', H, W)
+        aligned_shallow = channels_last(warp(channels_last_gradient(shallow_a), flow))
+        x = torch.cat((g, shallow_b, aligned_shallow), dim=1)  # (N, C_J + 2C', H, W)
         return self.reconstruction(x)

@@ -88,7 +88,8 @@ class _GradientInChannelsLast(torch.autograd.Function):
 def channels_last_gradient(x: Tensor) -> Tensor:
     """`x` itself in the forward pass; in the backward pass its gradient is put in channels_last
     memory before it flows on. For the inputs of ops whose backward returns NCHW gradients
-    (grid_sample's): without it every op behind them mixes layouts in the backward pass."""
+    (grid_sample's, a batch slice's): without it every op behind them mixes layouts in the
+    backward pass."""
     if not (torch.is_grad_enabled() and x.requires_grad) or x.ndim != 4:
         return x
     out: Tensor = _GradientInChannelsLast.apply(x)
