@@ -59,8 +59,17 @@ def finished(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("*.png") if not p.name.startswith(".")) if out.exists() else []
 
 
+# A test run started in the background of a non-interactive shell (`pytest &`, a CI script run with
+# `&`) ignores SIGINT, and a child inherits the ignored disposition (Python then installs no Ctrl-C
+# handler): the child starts with the default disposition, as in a terminal.
+DEFAULT_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+
+
 def start_and_wait_for_first_output(cmd: list[str], out: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DEFAULT_SIGINT, *cmd],
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     deadline = time.monotonic() + WAIT
     while not finished(out):
         if proc.poll() is not None:
