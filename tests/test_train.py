@@ -243,6 +243,39 @@ def test_init_fine_tunes_from_weights_at_another_working_size(full_run: Path, tm
         torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
 
 
+def test_init_with_other_fusion_widths_loads_the_rest_and_builds_the_fusion_fresh(
+    full_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    source = read_checkpoint(full_run / "best.pt")
+    wide = {"channels": [64, 32, 16, 12], "heads": [4, 2, 1, 1]}  # the paper's fusion widths
+    assert source["config"]["fuse"]["channels"] != wide["channels"]
+    config = TrainConfig.preset(
+        "quick",
+        tiny_config(tiny_data, tmp_path, epochs=1, init=str(full_run / "best.pt")).to_dict(),
+        {"recipe": {"fuse": wide, "freeze": ["encoder", "transfer_a", "transfer_b", "align"]}},
+        data_dir=tiny_data,
+        run_dir=tmp_path,
+    )
+    trainer = Trainer(config)
+    state = trainer.model.state_dict()
+    assert list(trainer.model.config.fuse.channels) == wide["channels"]
+    for key, value in source["state_dict"].items():
+        if key.startswith("fuse."):
+            continue
+        torch.testing.assert_close(state[key], value.to(state[key].dtype), rtol=0, atol=0, msg=key)
+    # the new fusion: the paper's widths, drawn from the run's seed (the same in a second build)
+    assert state["fuse.reconstruction.out.weight"].shape == (1, 12, 3, 3)
+    again = Trainer(config).model.state_dict()
+    for key in (k for k in state if k.startswith("fuse.")):
+        torch.testing.assert_close(again[key], state[key], rtol=0, atol=0, msg=key)
+    trainer.fit()  # it trains, and its checkpoint carries the new widths
+    stored = read_checkpoint(tmp_path / "last.pt")
+    assert stored["config"]["fuse"]["channels"] == wide["channels"]
+    bad = TrainConfig.preset("quick", config.to_dict(), {"recipe": {"fuse": {"channels": [8, 8], "heads": [1, 1]}}})
+    with pytest.raises(InputError, match=r"recipe\.fuse .* does not fit the network: .* needs K - 1 = 4"):
+        Trainer(bad)
+
+
 def test_more_workers_than_cores_are_capped_with_a_note(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import os
 

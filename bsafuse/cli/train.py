@@ -65,7 +65,7 @@ def train(
             exists=True,
             dir_okay=False,
             help="TOML file of settings over the preset: \\[recipe] (e.g. epochs, lr, \\[recipe.losses], "
-            "\\[recipe.deform], \\[recipe.augment]) and \\[run] (e.g. device, workers).",
+            "\\[recipe.deform], \\[recipe.augment], \\[recipe.fuse]) and \\[run] (e.g. device, workers).",
             show_default=False,
         ),
     ] = None,

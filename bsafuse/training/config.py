@@ -2,7 +2,7 @@
 
     TrainConfig
       recipe   Recipe: model, image_size, epochs, batch_size, lr, lr_min, grad_clip, seed, init,
-               pair, val_cases, val_fraction, freeze, losses (config.LossWeights), deform (deform.DeformParams,
+               pair, val_cases, val_fraction, freeze, fuse (config.FuseConfig or None), losses (config.LossWeights), deform (deform.DeformParams,
                amplitudes for 256 px), augment (Augmentation)
       run      RunSettings: data_dir, run_dir, device, precision, workers, val_every
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from bsafuse.choices import Precision
-from bsafuse.config import LossWeights
+from bsafuse.config import FuseConfig, LossWeights
 from bsafuse.deform import DeformParams
 from bsafuse.errors import InputError
 from bsafuse.training.presets import PRESETS, ModelSize, Preset
@@ -103,6 +103,9 @@ class Recipe:
     # Parts of the network that keep their weights (see FREEZABLE): e.g. the registration half
     # (encoder, transfer_a, transfer_b, align) while the fusion trains; () trains everything.
     freeze: tuple[str, ...] = ()
+    # The fusion (MMFF) widths, where they differ from the network's (model or init): the fusion
+    # is then built fresh at these widths and, with init, every other part comes from init.
+    fuse: FuseConfig | None = None
 
     def __post_init__(self) -> None:
         if self.val_cases is not None:
@@ -113,6 +116,8 @@ class Recipe:
         for name, kind in (("losses", LossWeights), ("deform", DeformParams), ("augment", Augmentation)):
             value = getattr(self, name)
             _check(isinstance(value, kind), f"recipe.{name}", value, f"use a {kind.__name__}")
+        fuse_ok = self.fuse is None or isinstance(self.fuse, FuseConfig)
+        _check(fuse_ok, "recipe.fuse", self.fuse, "use a FuseConfig (channels, heads)")
         sizes = get_args(ModelSize)
         _check(self.model in sizes, "recipe.model", self.model, f"use {' or '.join(sizes)}")
         size_ok = self.image_size >= 16 and self.image_size % 16 == 0

@@ -14,7 +14,8 @@ import torch
 
 from bsafuse import data as data_mod
 from bsafuse.choices import REFERENCE_SIZE
-from bsafuse.config import ModelConfig
+from bsafuse.config import FuseConfig, ModelConfig
+from bsafuse.errors import InputError
 from bsafuse.model import BSAFusion
 from bsafuse.training.config import ModelSize, Recipe
 from bsafuse.weights import load_checkpoint
@@ -41,24 +42,32 @@ def model_config(name: ModelSize, image_size: int) -> ModelConfig:
     return _resized(base, image_size)
 
 
-def initial_model(weights: str, image_size: int) -> BSAFusion:
+def initial_model(weights: str, image_size: int, fuse: FuseConfig | None = None) -> BSAFusion:
     """The network of `weights` (registry name or path), rebuilt for `image_size`, for fine-tuning.
 
     The structure (channels, heads, depths) is the checkpoint's; the working size and the flow
     heads' bound follow `image_size` as in `model_config`. The learned positional map is resized
-    to the new working size (bilinear, as the encoder itself does for other input sizes).
+    to the new working size (bilinear, as the encoder itself does for other input sizes). With
+    `fuse` other than the checkpoint's, the fusion (MMFF) is built fresh at those widths (from
+    the caller's random state) and only the other parts are loaded.
     """
     from bsafuse.weights import read_checkpoint, resolve
 
     data = read_checkpoint(resolve(weights))
-    model = BSAFusion(_resized(ModelConfig.from_dict(data["config"]), image_size))
-    state = dict(data["state_dict"])
-    for name, tensor in model.state_dict().items():
+    stored = ModelConfig.from_dict(data["config"])
+    model = BSAFusion(_with_fuse(_resized(stored, image_size), fuse))
+    own = model.state_dict()
+    fresh = fuse is not None and fuse != stored.fuse
+    state = {k: v for k, v in data["state_dict"].items() if not (fresh and k.startswith("fuse."))}
+    for name, tensor in own.items():
         if name in state and state[name].shape != tensor.shape and name.endswith("position"):
             state[name] = torch.nn.functional.interpolate(
                 state[name].float(), size=tensor.shape[-2:], mode="bilinear", align_corners=False
             ).to(tensor.dtype)
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+    state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    if fresh:
+        state.update({k: v for k, v in own.items() if k.startswith("fuse.")})
+    model.load_state_dict(state)
     return model
 
 
@@ -69,9 +78,9 @@ def run_model(recipe: Recipe, resume: Mapping[str, Any] | None = None) -> BSAFus
         if resume is not None:
             model = load_checkpoint(dict(resume))
         elif recipe.init is not None:
-            model = initial_model(recipe.init, recipe.image_size)
+            model = initial_model(recipe.init, recipe.image_size, recipe.fuse)
         else:
-            model = BSAFusion(model_config(recipe.model, recipe.image_size))
+            model = BSAFusion(_with_fuse(model_config(recipe.model, recipe.image_size), recipe.fuse))
     for name in recipe.freeze:  # these parts keep their weights (the optimiser skips them)
         getattr(model, name).requires_grad_(False)
     return model
@@ -82,3 +91,13 @@ def _resized(config: ModelConfig, image_size: int) -> ModelConfig:
     k = image_size / config.image_size
     align = dataclasses.replace(config.align, max_step=config.align.max_step * k)
     return dataclasses.replace(config, image_size=image_size, align=align)
+
+
+def _with_fuse(config: ModelConfig, fuse: FuseConfig | None) -> ModelConfig:
+    """`config` with the fusion widths `fuse` (recipe.fuse), where given."""
+    if fuse is None:
+        return config
+    try:
+        return dataclasses.replace(config, fuse=fuse)
+    except ValueError as exc:  # e.g. a channel count per step the alignment does not have
+        raise InputError(f"recipe.fuse {dataclasses.asdict(fuse)} does not fit the network: {exc}") from None
