@@ -2,8 +2,9 @@
 
     TrainConfig
       recipe   Recipe: model, image_size, epochs, batch_size, lr, lr_min, grad_clip, seed, init,
-               pair, val_cases, val_fraction, freeze, fuse (config.FuseConfig or None), losses (config.LossWeights), deform (deform.DeformParams,
-               amplitudes for 256 px), augment (Augmentation)
+               pair, val_cases, val_fraction, freeze, fuse (config.FuseConfig or None),
+               losses (config.LossWeights), deform (deform.DeformParams, amplitudes for 256 px),
+               augment (Augmentation)
       run      RunSettings: data_dir, run_dir, device, precision, workers, val_every
 
 A resumed run keeps its recipe (it may only raise `epochs`) and may change any run setting
