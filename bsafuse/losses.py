@@ -13,12 +13,14 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from bsafuse._checks import check_same_size, check_shape
 from bsafuse.config import LossWeights
+from bsafuse.metrics.fusion import CV_ALPHA, CV_BLOCK, mannos_sakrison
 
 if TYPE_CHECKING:
     from bsafuse.model import FusionOutput
@@ -27,8 +29,9 @@ SSIM_WINDOW = 11  # pixels, Gaussian window side (Wang et al. 2004, MONAI)
 SSIM_SIGMA = 1.5  # pixels
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers, for a data range of 1
 # The terms of L_total, each weighed by the LossWeights field of its name (total_loss sums them;
-# the training log has one column per term, in this order). "flow" is present when its weight is.
-LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "inten", "grad", "flow")
+# the training log has one column per term, in this order). "flow" and "cv" are present when their
+# weights are.
+LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "inten", "grad", "flow", "cv")
 SUMMARY_TERMS = ("total", "ssim_fused_moving", "ssim_fused_fixed")  # also returned by total_loss
 MODALITY_MOVING, MODALITY_FIXED = 1, 0  # class indices: CE(y_A, [0, 1]), CE(y_B, [1, 0]) (Eq. 1)
 
@@ -74,10 +77,10 @@ def ssim_loss(x: Tensor, y: Tensor) -> Tensor:
     return (1 - ssim(x, y)).mean()
 
 
-def sobel(image: Tensor) -> Tensor:
-    """|d/dx| + |d/dy| by 3x3 Sobel kernels, edges replicated (no false edge at the border).
+def sobel_xy(image: Tensor) -> Tensor:
+    """(d/dx, d/dy) by 3x3 Sobel kernels, edges replicated (no false edge at the border).
 
-    Shapes: (N, C, H, W) -> (N, C, H, W), float32.
+    Shapes: (N, C, H, W) -> (N, C, 2, H, W), float32.
     """
     with _fp32(image.device):
         image = image.float()
@@ -86,7 +89,12 @@ def sobel(image: Tensor) -> Tensor:
         kernels = torch.stack((kx, kx.T)).unsqueeze(1).repeat(c, 1, 1, 1)  # (2C, 1, 3, 3)
         padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
         g = F.conv2d(padded, kernels, groups=c)  # (N, 2C, H, W): gx, gy per channel
-        return g.abs().unflatten(1, (c, 2)).sum(dim=2)
+        return g.unflatten(1, (c, 2))
+
+
+def sobel(image: Tensor) -> Tensor:
+    """|d/dx| + |d/dy| of `sobel_xy`. Shapes: (N, C, H, W) -> (N, C, H, W), float32."""
+    return sobel_xy(image).abs().sum(dim=2)
 
 
 def l1(x: Tensor, y: Tensor) -> Tensor:
@@ -163,6 +171,53 @@ def gradient_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
     return l1(sobel(fused), torch.maximum(sobel(warped), sobel(fixed)))
 
 
+@functools.lru_cache(maxsize=8)
+def _csf(shape: tuple[int, int], device: torch.device) -> Tensor:
+    """Q_CV's Mannos-Sakrison filter for an (H, W) image, in FFT order, float32."""
+    return torch.from_numpy(np.fft.ifftshift(mannos_sakrison(shape))).float().to(device)
+
+
+def _stretch(image: Tensor) -> Tensor:
+    """Each sample min-max stretched to [0, 1] (a constant sample becomes 0), as Q_CV's inputs.
+
+    The minimum and maximum are constants to the gradient: the stretch is a per-sample linear map.
+    """
+    flat = image.detach().flatten(1)
+    low, high = flat.amin(dim=1), flat.amax(dim=1)
+    span = torch.where(high > low, high - low, torch.ones_like(high))
+    shape = (-1,) + (1,) * (image.dim() - 1)
+    return torch.where((high > low).view(shape), (image - low.view(shape)) / span.view(shape), 0.0)
+
+
+def cv_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
+    """Q_CV (Chen & Varshney 2007; metrics.fusion.q_cv) as a loss, in [0, 1] units: q_cv / 255^2.
+
+    Not in the paper. The metric's steps on tensors: each image stretched to [0, 1]; the saliency
+    of a 16x16 block is the sum of |Sobel gradient|^5 of a source; its distortion the mean squared
+    CSF-filtered difference source - F; per sample, sum(l_A D_A + l_B D_B) / sum(l_A + l_B), then
+    the batch mean. The metric's rounding to grey levels is left out and the Sobel edges are
+    replicated (`sobel_xy`), so it matches q_cv to ~1e-3 rather than exactly. It rewards, block by
+    block, the contrast of whichever source has the stronger edges there.
+    """
+    check_same_size(warped, fixed, names=("warped", "fixed"))
+    with _fp32(fused.device):
+        f, a, b = (_stretch(x.float()) for x in (fused, warped, fixed))
+        height, width = f.shape[-2:]
+        pad = (0, -width % CV_BLOCK, 0, -height % CV_BLOCK)  # zero-padded last blocks, as blkproc
+        csf = _csf((height, width), f.device)
+        f_spectrum = torch.fft.fft2(f)
+        weighted = total = f.new_zeros(f.shape[0])
+        for source in (a, b):
+            with torch.no_grad():
+                magnitude = torch.linalg.vector_norm(sobel_xy(source), dim=2)
+                saliency = F.avg_pool2d(F.pad(magnitude**CV_ALPHA, pad), CV_BLOCK)
+            difference = torch.fft.ifft2((torch.fft.fft2(source) - f_spectrum) * csf).real
+            distortion = F.avg_pool2d(F.pad(difference**2, pad), CV_BLOCK)
+            weighted = weighted + (saliency * distortion).sum(dim=(1, 2, 3))
+            total = total + saliency.sum(dim=(1, 2, 3))
+        return (weighted / total.clamp_min(torch.finfo(torch.float32).tiny)).mean()
+
+
 def total_loss(
     out: FusionOutput,
     *,
@@ -180,7 +235,8 @@ def total_loss(
     read its warped version ``out.warped``. Terms: ce1, ce2, consis, smooth, struct, inten, grad,
     total, and ssim_fused_moving / ssim_fused_fixed (batch sums of SSIM, for `update_mu`).
     With ``weights.flow > 0`` and the ground-truth `flow_true` (N, 2, H, W), a supervised
-    end-point term ``flow`` joins them (not in the paper; see LossWeights.flow).
+    end-point term ``flow`` joins them (not in the paper; see LossWeights.flow); with
+    ``weights.cv > 0``, the Q_CV term ``cv`` (`cv_loss`, not in the paper either).
     """
     weights = weights or LossWeights()
     if out.logits_moving_transfer is None or out.logits_fixed_transfer is None:
@@ -206,6 +262,8 @@ def total_loss(
         if flow_true is None:
             raise ValueError("LossWeights.flow > 0 needs flow_true, the ground-truth registration flow")
         terms["flow"] = endpoint_loss(out.flow, flow_true)
+    if weights.cv > 0:
+        terms["cv"] = cv_loss(out.fused, target, fixed)
     loss = sum(getattr(weights, name) * terms[name] for name in LOSS_TERMS if name in terms)
     assert isinstance(loss, Tensor)
     terms = {name: value.detach() for name, value in terms.items()}

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from bsafuse.config import LossWeights
 from bsafuse.losses import (
     consistency_loss,
+    cv_loss,
     flow_smoothness,
     gradient_loss,
     intensity_loss,
@@ -25,6 +26,7 @@ from bsafuse.losses import (
     transfer_loss,
     update_mu,
 )
+from bsafuse.metrics.fusion import q_cv
 from bsafuse.model import FusionOutput
 from bsafuse.warp import warp
 
@@ -240,3 +242,52 @@ def test_flow_term_is_the_mean_end_point_error_and_off_by_default(generator: tor
     assert loss.item() == pytest.approx(paper["total"].item() + 10.0, rel=1e-6)
     with pytest.raises(ValueError, match="needs flow_true"):
         total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(flow=1.0))
+
+
+# Q_CV as a loss (not in the paper)
+
+
+def grey_levels(generator: torch.Generator, height: int = 48, width: int = 48) -> torch.Tensor:
+    """A (1, 1, height, width) image of whole grey levels 0..255, black 2-pixel border, both extremes present.
+
+    The border makes replicated and zero-padded Sobel edges agree; whole levels from 0 to 255 make
+    q_cv's stretch-and-round the identity, so cv_loss * 255^2 must equal q_cv.
+    """
+    image = torch.zeros(1, 1, height, width)
+    inside = blobs(generator, n=1, size=max(height, width))[..., : height - 4, : width - 4]
+    image[..., 2:-2, 2:-2] = torch.round(inside * 255)
+    image[..., 5, 5], image[..., 6, 6] = 0.0, 255.0
+    return image
+
+
+def test_cv_loss_is_q_cv_in_unit_grey_levels(generator: torch.Generator) -> None:
+    f, a, b = (grey_levels(generator) for _ in range(3))  # 48 px: three blocks of 16 per side
+    expected = q_cv(f[0, 0].numpy(), a[0, 0].numpy(), b[0, 0].numpy())
+    got = cv_loss(f / 255, a / 255, b / 255).item() * 255**2
+    assert expected > 100  # unrelated images: a large distortion
+    assert got == pytest.approx(expected, rel=1e-4)
+    # a size that is not a multiple of 16: zero-padded last blocks, as the metric
+    f, a, b = (grey_levels(generator, 40, 44) for _ in range(3))
+    expected = q_cv(f[0, 0].numpy(), a[0, 0].numpy(), b[0, 0].numpy())
+    assert cv_loss(f / 255, a / 255, b / 255).item() * 255**2 == pytest.approx(expected, rel=1e-4)
+
+
+def test_cv_loss_is_zero_on_the_only_salient_source_and_its_gradient_descends(generator: torch.Generator) -> None:
+    a, flat = blobs(generator), torch.full((2, 1, 32, 32), 0.3)  # the flat source has no saliency
+    assert cv_loss(a, a, flat).item() == pytest.approx(0.0, abs=1e-9)
+    fused = ((a + blobs(generator)) / 2).requires_grad_()  # another image's structure in it
+    before = cv_loss(fused, a, flat)
+    before.backward()
+    assert fused.grad is not None
+    after = cv_loss(fused.detach() - 0.5 * fused.grad / fused.grad.abs().max(), a, flat)
+    assert 0 < after.item() < before.item()
+
+
+def test_cv_term_joins_the_total_only_with_its_weight(generator: torch.Generator) -> None:
+    a, b = blobs(generator), blobs(generator)
+    out = fake_output((a + b) / 2, a)
+    _, paper = total_loss(out, moving=a, fixed=b, label=a)
+    assert "cv" not in paper
+    loss, terms = total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(cv=3.0))
+    assert terms["cv"].item() == pytest.approx(cv_loss((a + b) / 2, a, b).item())
+    assert loss.item() == pytest.approx(paper["total"].item() + 3.0 * terms["cv"].item(), rel=1e-6)

@@ -94,7 +94,7 @@ def q_cv(fused: ArrayLike, moving: ArrayLike, fixed: ArrayLike) -> float:
     that are not multiples of 16 get zero-padded last blocks (as MATLAB's ``blkproc``).
     """
     f, a, b = (_stretch(x) for x in as_grey_images(fused=fused, moving=moving, fixed=fixed))
-    csf = np.fft.ifftshift(_mannos_sakrison(f.shape))  # centred grid -> FFT order
+    csf = np.fft.ifftshift(mannos_sakrison(f.shape))  # centred grid -> FFT order
     f_spectrum = np.fft.fft2(f)
     weighted = total = 0.0
     for source in (a, b):
@@ -115,7 +115,7 @@ def _stretch(image: np.ndarray) -> np.ndarray:
     return np.floor((image - low) / (high - low) * 255 + 0.5)
 
 
-def _mannos_sakrison(shape: tuple[int, ...]) -> np.ndarray:
+def mannos_sakrison(shape: tuple[int, ...]) -> np.ndarray:
     """Mannos-Sakrison CSF (with the fusion code's 0.144) on a centred grid: ``freqspace`` axes * size / 8.
 
     For an even size n the axis runs (-n/2 .. n/2 - 1) * 2/n * n/8, i.e. -32 .. 31.75 for 256; an
