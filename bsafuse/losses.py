@@ -196,8 +196,9 @@ def cv_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
     of a 16x16 block is the sum of |Sobel gradient|^5 of a source; its distortion the mean squared
     CSF-filtered difference source - F; per sample, sum(l_A D_A + l_B D_B) / sum(l_A + l_B), then
     the batch mean. The metric's rounding to grey levels is left out and the Sobel edges are
-    replicated (`sobel_xy`), so it matches q_cv to ~1e-3 rather than exactly. It rewards, block by
-    block, the contrast of whichever source has the stronger edges there.
+    replicated (`sobel_xy`): on whole grey levels with a black border it equals q_cv (tested), on
+    a Harvard CT-MRI pair it is within 1 % (0.4-0.8 %). It rewards, block by block, the contrast
+    of whichever source has the stronger edges there.
     """
     check_same_size(warped, fixed, names=("warped", "fixed"))
     with _fp32(fused.device):
