@@ -219,6 +219,9 @@ class LossWeights:
     # Not in the paper: a Q_CV term (losses.cv_loss, in [0, 1] units, ~0.015 for a good CT fusion)
     # on the fused image, block by block towards the source with the stronger edges. 0: off.
     cv: float = 0.0
+    # Not in the paper: a Q_AB/F term (losses.qabf_loss = 1 - Q_AB/F, ~0.25 for a good PET fusion)
+    # that asks the fused image to keep each source's edges in strength and orientation. 0: off.
+    abf: float = 0.0
     # mu of Eq. 11 (the weight of SSIM(F, B) against SSIM(F, W(A))). None: the paper's rule, set
     # each epoch to the ratio of the two SSIMs (losses.update_mu), which favours the image the
     # fused one already resembles (the MRI: mu settles near 2); a number: that mu for every epoch.
@@ -228,7 +231,7 @@ class LossWeights:
         object.__setattr__(self, "smooth_steps", tuple(float(w) for w in self.smooth_steps))
         if self.mu is not None and not (math.isfinite(self.mu) and self.mu > 0):
             raise ValueError(f"LossWeights.mu must be a positive number (or unset), got {self.mu}")
-        for name in ("ce1", "ce2", "consis", "smooth", "struct", "grad", "inten", "smooth_total", "flow", "cv"):
+        for name in ("ce1", "ce2", "consis", "smooth", "struct", "grad", "inten", "smooth_total", "flow", "cv", "abf"):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"LossWeights.{name} must be >= 0, got {value}")

@@ -20,7 +20,17 @@ from torch import Tensor
 
 from bsafuse._checks import check_same_size, check_shape
 from bsafuse.config import LossWeights
-from bsafuse.metrics.fusion import CV_ALPHA, CV_BLOCK, mannos_sakrison
+from bsafuse.metrics.fusion import (
+    CV_ALPHA,
+    CV_BLOCK,
+    GAMMA_A,
+    GAMMA_G,
+    KAPPA_A,
+    KAPPA_G,
+    SIGMA_A,
+    SIGMA_G,
+    mannos_sakrison,
+)
 
 if TYPE_CHECKING:
     from bsafuse.model import FusionOutput
@@ -29,9 +39,9 @@ SSIM_WINDOW = 11  # pixels, Gaussian window side (Wang et al. 2004, MONAI)
 SSIM_SIGMA = 1.5  # pixels
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers, for a data range of 1
 # The terms of L_total, each weighed by the LossWeights field of its name (total_loss sums them;
-# the training log has one column per term, in this order). "flow" and "cv" are present when their
-# weights are.
-LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "inten", "grad", "flow", "cv")
+# the training log has one column per term, in this order). "flow", "cv" and "abf" are present when
+# their weights are.
+LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "inten", "grad", "flow", "cv", "abf")
 SUMMARY_TERMS = ("total", "ssim_fused_moving", "ssim_fused_fixed")  # also returned by total_loss
 MODALITY_MOVING, MODALITY_FIXED = 1, 0  # class indices: CE(y_A, [0, 1]), CE(y_B, [1, 0]) (Eq. 1)
 
@@ -219,6 +229,46 @@ def cv_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
         return (weighted / total.clamp_min(torch.finfo(torch.float32).tiny)).mean()
 
 
+def _strength_and_angle(image: Tensor) -> tuple[Tensor, Tensor]:
+    """Sobel edge strength and orientation atan(-gy / gx) (pi/2 where gx = 0), as Q_AB/F's.
+
+    Shapes: (N, 1, H, W) -> two (N, 1, H, W), float32. The strength's gradient at a flat pixel is 0.
+    """
+    g = sobel_xy(image)
+    gx, gy = g[:, :, 0], g[:, :, 1]
+    vertical = gx == 0
+    angle = torch.where(vertical, math.pi / 2, torch.atan(-gy / torch.where(vertical, 1.0, gx)))
+    return torch.linalg.vector_norm(g, dim=2), angle
+
+
+def qabf_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
+    """1 - Q_AB/F (Xydeas & Petrovic 2000; metrics.fusion.q_abf) as a loss, in [0, 1].
+
+    Not in the paper. The metric's steps on tensors: per pixel, how much of each source's Sobel
+    edge the fused image keeps, in strength (the ratio of the smaller to the larger strength) and
+    in orientation, through the metric's two sigmoids; the sources' edge strengths weigh the
+    pixels; per sample sum(Q_AF g_A + Q_BF g_B) / sum(g_A + g_B), then 1 - the batch mean. The
+    metric is scale-free, so its x255 is left out; its "equal strengths" quirk is left out, and
+    the Sobel edges are replicated (`sobel_xy`): on a black-bordered image it is within 1e-3 of
+    1 - q_abf (tested).
+    """
+    check_same_size(warped, fixed, names=("warped", "fixed"))
+    with _fp32(fused.device):
+        strength_f, angle_f = _strength_and_angle(fused.float())
+        weighted = total = strength_f.new_zeros(strength_f.shape[0])
+        for source in (warped, fixed):
+            with torch.no_grad():
+                strength, angle = _strength_and_angle(source.float())
+            larger = torch.maximum(strength, strength_f).clamp_min(torch.finfo(torch.float32).tiny)
+            ratio = torch.minimum(strength, strength_f) / larger
+            agreement = 1 - (angle - angle_f).abs() / (math.pi / 2)
+            q_strength = GAMMA_G * torch.sigmoid(-KAPPA_G * (ratio - SIGMA_G))
+            q_angle = GAMMA_A * torch.sigmoid(-KAPPA_A * (agreement - SIGMA_A))
+            weighted = weighted + (q_strength * q_angle * strength).sum(dim=(1, 2, 3))
+            total = total + strength.sum(dim=(1, 2, 3))
+        return 1 - (weighted / total.clamp_min(torch.finfo(torch.float32).tiny)).mean()
+
+
 def total_loss(
     out: FusionOutput,
     *,
@@ -237,7 +287,8 @@ def total_loss(
     total, and ssim_fused_moving / ssim_fused_fixed (batch sums of SSIM, for `update_mu`).
     With ``weights.flow > 0`` and the ground-truth `flow_true` (N, 2, H, W), a supervised
     end-point term ``flow`` joins them (not in the paper; see LossWeights.flow); with
-    ``weights.cv > 0``, the Q_CV term ``cv`` (`cv_loss`, not in the paper either).
+    ``weights.cv > 0``, the Q_CV term ``cv`` (`cv_loss`, not in the paper either); with
+    ``weights.abf > 0``, the Q_AB/F term ``abf`` (`qabf_loss`, nor this).
     """
     weights = weights or LossWeights()
     if out.logits_moving_transfer is None or out.logits_fixed_transfer is None:
@@ -265,6 +316,8 @@ def total_loss(
         terms["flow"] = endpoint_loss(out.flow, flow_true)
     if weights.cv > 0:
         terms["cv"] = cv_loss(out.fused, target, fixed)
+    if weights.abf > 0:
+        terms["abf"] = qabf_loss(out.fused, target, fixed)
     loss = sum(getattr(weights, name) * terms[name] for name in LOSS_TERMS if name in terms)
     assert isinstance(loss, Tensor)
     terms = {name: value.detach() for name, value in terms.items()}

@@ -17,6 +17,7 @@ from bsafuse.losses import (
     intensity_loss,
     l1,
     modality_loss,
+    qabf_loss,
     smoothness_loss,
     sobel,
     ssim,
@@ -26,7 +27,7 @@ from bsafuse.losses import (
     transfer_loss,
     update_mu,
 )
-from bsafuse.metrics.fusion import q_cv
+from bsafuse.metrics.fusion import q_abf, q_cv
 from bsafuse.model import FusionOutput
 from bsafuse.warp import warp
 
@@ -291,3 +292,38 @@ def test_cv_term_joins_the_total_only_with_its_weight(generator: torch.Generator
     loss, terms = total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(cv=3.0))
     assert terms["cv"].item() == pytest.approx(cv_loss((a + b) / 2, a, b).item())
     assert loss.item() == pytest.approx(paper["total"].item() + 3.0 * terms["cv"].item(), rel=1e-6)
+
+
+# Q_AB/F as a loss (not in the paper)
+
+
+def test_qabf_loss_is_one_minus_q_abf(generator: torch.Generator) -> None:
+    for height, width in ((48, 48), (40, 44)):
+        a, b = grey_levels(generator, height, width) / 255, grey_levels(generator, height, width) / 255
+        for fused in ((a + b) / 2, torch.maximum(a, b), grey_levels(generator, height, width) / 255):
+            expected = q_abf(fused[0, 0].numpy(), a[0, 0].numpy(), b[0, 0].numpy())
+            assert 0.1 < expected < 0.9
+            assert 1 - qabf_loss(fused, a, b).item() == pytest.approx(expected, abs=1e-3)
+
+
+def test_qabf_loss_floor_on_the_only_edged_source_and_its_gradient_descends(generator: torch.Generator) -> None:
+    a, flat = blobs(generator), torch.full((2, 1, 32, 32), 0.3)  # the flat source has no edges to weigh
+    # every edge kept exactly: ratio 1, orientations equal; the metric's sigmoids cap Q_AB/F there
+    best = 0.9994 / (1 + math.exp(-15 * 0.5)) * 0.9879 / (1 + math.exp(-22 * 0.2))
+    assert qabf_loss(a, a, flat).item() == pytest.approx(1 - best, abs=1e-6)
+    fused = ((a + blobs(generator)) / 2).requires_grad_()  # another image's edges in it
+    before = qabf_loss(fused, a, flat)
+    before.backward()
+    assert fused.grad is not None and torch.isfinite(fused.grad).all()
+    after = qabf_loss(fused.detach() - 0.05 * fused.grad / fused.grad.abs().max(), a, flat)
+    assert 1 - best < after.item() < before.item()
+
+
+def test_abf_term_joins_the_total_only_with_its_weight(generator: torch.Generator) -> None:
+    a, b = blobs(generator), blobs(generator)
+    out = fake_output((a + b) / 2, a)
+    _, paper = total_loss(out, moving=a, fixed=b, label=a)
+    assert "abf" not in paper
+    loss, terms = total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(abf=2.0))
+    assert terms["abf"].item() == pytest.approx(qabf_loss((a + b) / 2, a, b).item())
+    assert loss.item() == pytest.approx(paper["total"].item() + 2.0 * terms["abf"].item(), rel=1e-6)
