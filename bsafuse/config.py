@@ -216,6 +216,9 @@ class LossWeights:
     # the on-the-fly misalignment provides. 0 is the paper's recipe; bsafuse's quick CPU recipe
     # uses it, because the unsupervised terms alone barely move the flow in a CPU-sized budget.
     flow: float = 0.0
+    # Not in the paper: the same supervision at every BSFA step (losses.step_endpoint_loss): the
+    # flow after step i against the true flow at step i's scale, pixels, averaged over the steps.
+    flow_scales: float = 0.0
     # Not in the paper: a Q_CV term (losses.cv_loss, in [0, 1] units, ~0.015 for a good CT fusion)
     # on the fused image, block by block towards the source with the stronger edges. 0: off.
     cv: float = 0.0
@@ -231,7 +234,20 @@ class LossWeights:
         object.__setattr__(self, "smooth_steps", tuple(float(w) for w in self.smooth_steps))
         if self.mu is not None and not (math.isfinite(self.mu) and self.mu > 0):
             raise ValueError(f"LossWeights.mu must be a positive number (or unset), got {self.mu}")
-        for name in ("ce1", "ce2", "consis", "smooth", "struct", "grad", "inten", "smooth_total", "flow", "cv", "abf"):
+        for name in (
+            "ce1",
+            "ce2",
+            "consis",
+            "smooth",
+            "struct",
+            "grad",
+            "inten",
+            "smooth_total",
+            "flow",
+            "flow_scales",
+            "cv",
+            "abf",
+        ):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"LossWeights.{name} must be >= 0, got {value}")

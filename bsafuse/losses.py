@@ -39,9 +39,9 @@ SSIM_WINDOW = 11  # pixels, Gaussian window side (Wang et al. 2004, MONAI)
 SSIM_SIGMA = 1.5  # pixels
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers, for a data range of 1
 # The terms of L_total, each weighed by the LossWeights field of its name (total_loss sums them;
-# the training log has one column per term, in this order). "flow", "cv" and "abf" are present when
-# their weights are.
-LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "inten", "grad", "flow", "cv", "abf")
+# the training log has one column per term, in this order). "flow", "flow_scales", "cv" and "abf"
+# are present when their weights are.
+LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "inten", "grad", "flow", "flow_scales", "cv", "abf")
 SUMMARY_TERMS = ("total", "ssim_fused_moving", "ssim_fused_fixed")  # also returned by total_loss
 MODALITY_MOVING, MODALITY_FIXED = 1, 0  # class indices: CE(y_A, [0, 1]), CE(y_B, [1, 0]) (Eq. 1)
 
@@ -287,8 +287,9 @@ def total_loss(
     total, and ssim_fused_moving / ssim_fused_fixed (batch sums of SSIM, for `update_mu`).
     With ``weights.flow > 0`` and the ground-truth `flow_true` (N, 2, H, W), a supervised
     end-point term ``flow`` joins them (not in the paper; see LossWeights.flow); with
-    ``weights.cv > 0``, the Q_CV term ``cv`` (`cv_loss`, not in the paper either); with
-    ``weights.abf > 0``, the Q_AB/F term ``abf`` (`qabf_loss`, nor this).
+    ``weights.flow_scales > 0``, its counterpart at every BSFA step's scale ``flow_scales``
+    (`step_endpoint_loss`); with ``weights.cv > 0``, the Q_CV term ``cv`` (`cv_loss`, not in the
+    paper either); with ``weights.abf > 0``, the Q_AB/F term ``abf`` (`qabf_loss`, nor this).
     """
     weights = weights or LossWeights()
     if out.logits_moving_transfer is None or out.logits_fixed_transfer is None:
@@ -314,6 +315,12 @@ def total_loss(
         if flow_true is None:
             raise ValueError("LossWeights.flow > 0 needs flow_true, the ground-truth registration flow")
         terms["flow"] = endpoint_loss(out.flow, flow_true)
+    if weights.flow_scales > 0:
+        if flow_true is None:
+            raise ValueError(
+                "LossWeights.flow_scales > 0 needs flow_true, the ground-truth registration flow"
+            )
+        terms["flow_scales"] = step_endpoint_loss(out.flows_moving, out.flows_fixed, flow_true)
     if weights.cv > 0:
         terms["cv"] = cv_loss(out.fused, target, fixed)
     if weights.abf > 0:
@@ -332,6 +339,35 @@ def endpoint_loss(flow: Tensor, flow_true: Tensor) -> Tensor:
     check_shape(flow_true, "N 2 H W", name="flow_true")
     check_same_size(flow, flow_true, names=("flow", "flow_true"))
     return torch.linalg.vector_norm(flow.float() - flow_true.float(), dim=1).mean()
+
+
+def step_endpoint_loss(
+    flows_moving: Sequence[Tensor], flows_fixed: Sequence[Tensor], flow_true: Tensor
+) -> Tensor:
+    """End-point error of the flow after each BSFA step against the true flow at its scale, averaged.
+
+    After step i the registration so far is Eq. 7's sum over steps 0..i of phi_A^j - phi_B^j;
+    its target is `flow_true` brought down to step i's grid (antialiased: the mean displacement
+    each coarse pixel covers). Both are compared at full size, in full-size pixels, so every step
+    weighs the same and the finest step's target is `flow_true` itself. Not in the paper.
+    """
+    from bsafuse.model.align import total_flow  # the model's own Eq. 7, one definition
+    from bsafuse.warp import resize_flow
+
+    check_shape(flow_true, "N 2 H W", name="flow_true")
+    if not flows_moving or len(flows_moving) != len(flows_fixed):
+        raise ValueError(
+            f"need one fixed step flow per moving one, got {len(flows_moving)} and {len(flows_fixed)}"
+        )
+    size = (flow_true.shape[-2], flow_true.shape[-1])
+    steps = [a - b for a, b in zip(flows_moving, flows_fixed, strict=True)]
+    with _fp32(flow_true.device):
+        errors = []
+        for i, step in enumerate(steps):
+            coarse = resize_flow(flow_true.float(), (step.shape[-2], step.shape[-1]), antialias=True)
+            target = resize_flow(coarse, size)
+            errors.append(endpoint_loss(total_flow(steps[: i + 1], size), target))
+        return torch.stack(errors).mean()
 
 
 def update_mu(

@@ -22,6 +22,7 @@ from bsafuse.losses import (
     sobel,
     ssim,
     ssim_loss,
+    step_endpoint_loss,
     structure_loss,
     total_loss,
     transfer_loss,
@@ -273,7 +274,9 @@ def test_cv_loss_is_q_cv_in_unit_grey_levels(generator: torch.Generator) -> None
     assert cv_loss(f / 255, a / 255, b / 255).item() * 255**2 == pytest.approx(expected, rel=1e-4)
 
 
-def test_cv_loss_is_zero_on_the_only_salient_source_and_its_gradient_descends(generator: torch.Generator) -> None:
+def test_cv_loss_is_zero_on_the_only_salient_source_and_its_gradient_descends(
+    generator: torch.Generator,
+) -> None:
     a, flat = blobs(generator), torch.full((2, 1, 32, 32), 0.3)  # the flat source has no saliency
     assert cv_loss(a, a, flat).item() == pytest.approx(0.0, abs=1e-9)
     fused = ((a + blobs(generator)) / 2).requires_grad_()  # another image's structure in it
@@ -306,7 +309,9 @@ def test_qabf_loss_is_one_minus_q_abf(generator: torch.Generator) -> None:
             assert 1 - qabf_loss(fused, a, b).item() == pytest.approx(expected, abs=1e-3)
 
 
-def test_qabf_loss_floor_on_the_only_edged_source_and_its_gradient_descends(generator: torch.Generator) -> None:
+def test_qabf_loss_floor_on_the_only_edged_source_and_its_gradient_descends(
+    generator: torch.Generator,
+) -> None:
     a, flat = blobs(generator), torch.full((2, 1, 32, 32), 0.3)  # the flat source has no edges to weigh
     # every edge kept exactly: ratio 1, orientations equal; the metric's sigmoids cap Q_AB/F there
     best = 0.9994 / (1 + math.exp(-15 * 0.5)) * 0.9879 / (1 + math.exp(-22 * 0.2))
@@ -327,3 +332,51 @@ def test_abf_term_joins_the_total_only_with_its_weight(generator: torch.Generato
     loss, terms = total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(abf=2.0))
     assert terms["abf"].item() == pytest.approx(qabf_loss((a + b) / 2, a, b).item())
     assert loss.item() == pytest.approx(paper["total"].item() + 2.0 * terms["abf"].item(), rel=1e-6)
+
+
+# End-point supervision at every BSFA step (not in the paper)
+
+
+def step_flows(
+    shift: tuple[float, float], carried_by: int, sizes: tuple[int, ...] = (4, 8, 16, 32)
+) -> list[torch.Tensor]:
+    """Step flows (coarse to fine) where step `carried_by` alone moves by `shift` full-size (33 px) pixels."""
+    flows = []
+    for i, h in enumerate(sizes):
+        flow = torch.zeros(1, 2, h, h)
+        if i == carried_by:  # the shift in this step's own pixels (align-corners: (h - 1) / (33 - 1))
+            flow[:, 0], flow[:, 1] = shift[0] * (h - 1) / 32, shift[1] * (h - 1) / 32
+        flows.append(flow)
+    return flows
+
+
+def test_step_endpoint_loss_by_hand() -> None:
+    truth = torch.zeros(1, 2, 33, 33)
+    truth[:, 0], truth[:, 1] = 3.0, 4.0  # a 5-pixel translation: the same at every scale
+    zeros = [torch.zeros_like(f) for f in step_flows((0, 0), 0)]
+    # the coarsest step takes it all: every partial sum is right
+    assert step_endpoint_loss(step_flows((3.0, 4.0), 0), zeros, truth).item() == pytest.approx(0.0, abs=1e-5)
+    # only the finest step moves: three of the four partial sums are 5 px short
+    assert step_endpoint_loss(step_flows((3.0, 4.0), 3), zeros, truth).item() == pytest.approx(
+        3 / 4 * 5, rel=1e-5
+    )
+    # phi = phi_A - phi_B: the fixed side moving by -t/2 and the moving one by t/2 at step 1
+    half = step_flows((1.5, 2.0), 1)
+    assert step_endpoint_loss(half, [-f for f in half], truth).item() == pytest.approx(1 / 4 * 5, rel=1e-5)
+
+
+def test_flow_scales_term_needs_the_true_flow(generator: torch.Generator) -> None:
+    a, b = blobs(generator), blobs(generator)
+    out = fake_output((a + b) / 2, a)
+    with pytest.raises(ValueError, match="flow_true"):
+        total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(flow_scales=1.0))
+    truth = torch.zeros(2, 2, 32, 32)
+    truth[:, 0] = 2.0
+    loss, terms = total_loss(
+        out, moving=a, fixed=b, label=a, weights=LossWeights(flow_scales=2.0), flow_true=truth
+    )
+    _, paper = total_loss(out, moving=a, fixed=b, label=a)
+    assert terms["flow_scales"].item() == pytest.approx(
+        2.0, rel=1e-5
+    )  # a still network: 2 px short at every step
+    assert loss.item() == pytest.approx(paper["total"].item() + 2.0 * 2.0, rel=1e-6)
