@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -287,14 +288,17 @@ def test_cv_loss_is_zero_on_the_only_salient_source_and_its_gradient_descends(
     assert 0 < after.item() < before.item()
 
 
-def test_cv_term_joins_the_total_only_with_its_weight(generator: torch.Generator) -> None:
+@pytest.mark.parametrize(("name", "term"), [("cv", cv_loss), ("abf", qabf_loss)])
+def test_fusion_metric_term_joins_the_total_only_with_its_weight(
+    generator: torch.Generator, name: str, term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+) -> None:
     a, b = blobs(generator), blobs(generator)
     out = fake_output((a + b) / 2, a)
     _, paper = total_loss(out, moving=a, fixed=b, label=a)
-    assert "cv" not in paper
-    loss, terms = total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(cv=3.0))
-    assert terms["cv"].item() == pytest.approx(cv_loss((a + b) / 2, a, b).item())
-    assert loss.item() == pytest.approx(paper["total"].item() + 3.0 * terms["cv"].item(), rel=1e-6)
+    assert name not in paper
+    loss, terms = total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(**{name: 3.0}))
+    assert terms[name].item() == pytest.approx(term((a + b) / 2, a, b).item())
+    assert loss.item() == pytest.approx(paper["total"].item() + 3.0 * terms[name].item(), rel=1e-6)
 
 
 # Q_AB/F as a loss (not in the paper)
@@ -322,16 +326,6 @@ def test_qabf_loss_floor_on_the_only_edged_source_and_its_gradient_descends(
     assert fused.grad is not None and torch.isfinite(fused.grad).all()
     after = qabf_loss(fused.detach() - 0.05 * fused.grad / fused.grad.abs().max(), a, flat)
     assert 1 - best < after.item() < before.item()
-
-
-def test_abf_term_joins_the_total_only_with_its_weight(generator: torch.Generator) -> None:
-    a, b = blobs(generator), blobs(generator)
-    out = fake_output((a + b) / 2, a)
-    _, paper = total_loss(out, moving=a, fixed=b, label=a)
-    assert "abf" not in paper
-    loss, terms = total_loss(out, moving=a, fixed=b, label=a, weights=LossWeights(abf=2.0))
-    assert terms["abf"].item() == pytest.approx(qabf_loss((a + b) / 2, a, b).item())
-    assert loss.item() == pytest.approx(paper["total"].item() + 2.0 * terms["abf"].item(), rel=1e-6)
 
 
 # End-point supervision at every BSFA step (not in the paper)
