@@ -23,12 +23,11 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/bench_x.py` without i
 
 
 
-def setup(*, threads: int | None, tune: bool, training: bool = False) -> dict[str, Any]:
-    """Apply bsafuse's process settings (unless `tune` is off; as `bsafuse train` does when
-    `training`) and the thread count."""
+def setup(*, threads: int | None, tune: bool) -> dict[str, Any]:
+    """Apply bsafuse's process settings (unless `tune` is off), as the command line does, and the thread count."""
     from bsafuse._runtime import tune_process
 
-    applied = tune_process(shared_cores=True if training else None) if tune else {"omp_wait_policy": None, "malloc": False}
+    applied = tune_process() if tune else {"omp_wait_policy": None, "malloc": False}
     import torch
 
     if threads:

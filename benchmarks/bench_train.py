@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    facts = setup(threads=args.threads, tune=not args.no_tune, training=True)
+    facts = setup(threads=args.threads, tune=not args.no_tune)
     import torch
 
     facts.update(config=args.config, size=args.size)

@@ -5,11 +5,14 @@ Two settings, both measured on 2-core machines (benchmarks/README.md):
 - ``OMP_WAIT_POLICY``: whether OpenMP worker threads spin (ACTIVE) or sleep (PASSIVE) between
   parallel regions. A forward pass is hundreds of short parallel regions, so a lone process is
   fastest spinning: on a quiet 2-core machine, batch 1 took 0.24 s with ACTIVE against 0.29-0.36 s
-  with PASSIVE and 0.31-0.33 s with the OpenMP default, and batch 8 1.7 s against 2.1 s. When the
-  cores are shared (several torchrun processes on one CPU, DataLoader workers during training),
-  spinning threads steal the cores the busy ones need, and PASSIVE is the faster choice. So:
-  ACTIVE for a single process, PASSIVE for `bsafuse train` and under torchrun. OpenMP reads
-  it once, when torch loads, so it must be set before ``import torch``; a user setting is kept.
+  with PASSIVE and 0.31-0.33 s with the OpenMP default, and batch 8 1.7 s against 2.1 s. Training
+  with two DataLoader workers on the same two cores spins faster too: `bsafuse train --preset
+  residual` on CT, one epoch, runs alternating, 2.11 / 2.19 / 2.25 samples/s with ACTIVE against
+  1.71 / 1.99 / 2.00 with PASSIVE (without workers 2.06 against 1.86; 2026-12-07). Where several
+  processes each run their own OpenMP threads on one CPU (torchrun), spinning threads steal the
+  cores the busy ones need, and PASSIVE is the choice. So: ACTIVE, PASSIVE under torchrun with
+  several processes. OpenMP reads it once, when torch loads, so it must be set before
+  ``import torch``; a user setting is kept.
 - glibc ``malloc`` keeps large blocks: blocks over 32 MiB (a 256 x 256 feature map of 64
   channels for two images is 33.5 MiB) are otherwise mmap-ed fresh and unmapped on free, and
   every new block page-faults in at about 4 GB/s, which made a batch-8 forward pass ~30 % and a

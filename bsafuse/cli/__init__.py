@@ -6,7 +6,6 @@ start instantly.
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -57,7 +56,6 @@ def main() -> None:
     """Console-script entry point (also `python -m bsafuse`, under torchrun too)."""
     from bsafuse._runtime import tune_process
 
-    # before torch loads: OMP_WAIT_POLICY, malloc (see bsafuse/_runtime.py); training shares its
-    # cores with DataLoader workers
-    tune_process(shared_cores=True if "train" in sys.argv[1:2] else None)
+    # before torch loads: OMP_WAIT_POLICY, malloc (see bsafuse/_runtime.py)
+    tune_process()
     app()
