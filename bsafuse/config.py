@@ -14,6 +14,7 @@ Presets:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,10 +220,10 @@ class LossWeights:
     # Not in the paper: the same supervision at every BSFA step (losses.step_endpoint_loss): the
     # flow after step i against the true flow at step i's scale, pixels, averaged over the steps.
     flow_scales: float = 0.0
-    # Not in the paper: a Q_CV term (losses.cv_loss, in [0, 1] units, ~0.015 for a good CT fusion)
+    # Not in the paper: a Q_CV term (metric_losses.cv_loss, in [0, 1] units, ~0.015 for a good CT fusion)
     # on the fused image, block by block towards the source with the stronger edges. 0: off.
     cv: float = 0.0
-    # Not in the paper: a Q_AB/F term (losses.qabf_loss = 1 - Q_AB/F, ~0.25 for a good PET fusion)
+    # Not in the paper: a Q_AB/F term (metric_losses.qabf_loss = 1 - Q_AB/F, ~0.25 for a good PET fusion)
     # that asks the fused image to keep each source's edges in strength and orientation. 0: off.
     abf: float = 0.0
     # mu of Eq. 11 (the weight of SSIM(F, B) against SSIM(F, W(A))). None: the paper's rule, set
@@ -234,20 +235,7 @@ class LossWeights:
         object.__setattr__(self, "smooth_steps", tuple(float(w) for w in self.smooth_steps))
         if self.mu is not None and not (math.isfinite(self.mu) and self.mu > 0):
             raise ValueError(f"LossWeights.mu must be a positive number (or unset), got {self.mu}")
-        for name in (
-            "ce1",
-            "ce2",
-            "consis",
-            "smooth",
-            "struct",
-            "grad",
-            "inten",
-            "smooth_total",
-            "flow",
-            "flow_scales",
-            "cv",
-            "abf",
-        ):
+        for name in (f.name for f in dataclasses.fields(self) if f.name not in ("smooth_steps", "mu")):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"LossWeights.{name} must be >= 0, got {value}")

@@ -13,24 +13,14 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from bsafuse._checks import check_same_size, check_shape
 from bsafuse.config import LossWeights
-from bsafuse.metrics.fusion import (
-    CV_ALPHA,
-    CV_BLOCK,
-    GAMMA_A,
-    GAMMA_G,
-    KAPPA_A,
-    KAPPA_G,
-    SIGMA_A,
-    SIGMA_G,
-    mannos_sakrison,
-)
+from bsafuse.edges import fp32_scope, sobel
+from bsafuse.metric_losses import cv_loss, qabf_loss
 
 if TYPE_CHECKING:
     from bsafuse.model import FusionOutput
@@ -44,10 +34,6 @@ SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers, for a data range of 1
 LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "inten", "grad", "flow", "flow_scales", "cv", "abf")
 SUMMARY_TERMS = ("total", "ssim_fused_moving", "ssim_fused_fixed")  # also returned by total_loss
 MODALITY_MOVING, MODALITY_FIXED = 1, 0  # class indices: CE(y_A, [0, 1]), CE(y_B, [1, 0]) (Eq. 1)
-
-
-def _fp32(device: torch.device) -> torch.autocast:
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,7 +53,7 @@ def ssim(x: Tensor, y: Tensor, *, window: int = SSIM_WINDOW, sigma: float = SSIM
     check_same_size(x, y, names=("x", "y"))
     if min(x.shape[-2:]) < window:
         raise ValueError(f"SSIM needs images of at least {window}x{window} pixels, got {tuple(x.shape[-2:])}")
-    with _fp32(x.device):
+    with fp32_scope(x.device):
         x, y = x.float(), y.float()
         c = x.shape[1]
         g = _gaussian(window, sigma, x.device)
@@ -85,26 +71,6 @@ def ssim(x: Tensor, y: Tensor, *, window: int = SSIM_WINDOW, sigma: float = SSIM
 def ssim_loss(x: Tensor, y: Tensor) -> Tensor:
     """L_ssim = 1 - SSIM, averaged over the batch (scalar, float32)."""
     return (1 - ssim(x, y)).mean()
-
-
-def sobel_xy(image: Tensor) -> Tensor:
-    """(d/dx, d/dy) by 3x3 Sobel kernels, edges replicated (no false edge at the border).
-
-    Shapes: (N, C, H, W) -> (N, C, 2, H, W), float32.
-    """
-    with _fp32(image.device):
-        image = image.float()
-        c = image.shape[1]
-        kx = image.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-        kernels = torch.stack((kx, kx.T)).unsqueeze(1).repeat(c, 1, 1, 1)  # (2C, 1, 3, 3)
-        padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
-        g = F.conv2d(padded, kernels, groups=c)  # (N, 2C, H, W): gx, gy per channel
-        return g.unflatten(1, (c, 2))
-
-
-def sobel(image: Tensor) -> Tensor:
-    """|d/dx| + |d/dy| of `sobel_xy`. Shapes: (N, C, H, W) -> (N, C, H, W), float32."""
-    return sobel_xy(image).abs().sum(dim=2)
 
 
 def l1(x: Tensor, y: Tensor) -> Tensor:
@@ -139,7 +105,7 @@ def flow_smoothness(flow: Tensor) -> Tensor:
     the constant lives in `LossWeights`. Shapes: (N, 2, H, W).
     """
     check_shape(flow, "N 2 H W", name="flow")
-    with _fp32(flow.device):
+    with fp32_scope(flow.device):
         flow = flow.float()
         dx = flow[..., :, 1:] - flow[..., :, :-1]
         dy = flow[..., 1:, :] - flow[..., :-1, :]
@@ -181,94 +147,6 @@ def gradient_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
     return l1(sobel(fused), torch.maximum(sobel(warped), sobel(fixed)))
 
 
-@functools.lru_cache(maxsize=8)
-def _csf(shape: tuple[int, int], device: torch.device) -> Tensor:
-    """Q_CV's Mannos-Sakrison filter for an (H, W) image, in FFT order, float32."""
-    return torch.from_numpy(np.fft.ifftshift(mannos_sakrison(shape))).float().to(device)
-
-
-def _stretch(image: Tensor) -> Tensor:
-    """Each sample min-max stretched to [0, 1] (a constant sample becomes 0), as Q_CV's inputs.
-
-    The minimum and maximum are constants to the gradient: the stretch is a per-sample linear map.
-    """
-    flat = image.detach().flatten(1)
-    low, high = flat.amin(dim=1), flat.amax(dim=1)
-    span = torch.where(high > low, high - low, torch.ones_like(high))
-    shape = (-1,) + (1,) * (image.dim() - 1)
-    return torch.where((high > low).view(shape), (image - low.view(shape)) / span.view(shape), 0.0)
-
-
-def cv_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
-    """Q_CV (Chen & Varshney 2007; metrics.fusion.q_cv) as a loss, in [0, 1] units: q_cv / 255^2.
-
-    Not in the paper. The metric's steps on tensors: each image stretched to [0, 1]; the saliency
-    of a 16x16 block is the sum of |Sobel gradient|^5 of a source; its distortion the mean squared
-    CSF-filtered difference source - F; per sample, sum(l_A D_A + l_B D_B) / sum(l_A + l_B), then
-    the batch mean. The metric's rounding to grey levels is left out and the Sobel edges are
-    replicated (`sobel_xy`): on whole grey levels with a black border it equals q_cv (tested), on
-    a Harvard CT-MRI pair it is within 1 % (0.4-0.8 %). It rewards, block by block, the contrast
-    of whichever source has the stronger edges there.
-    """
-    check_same_size(warped, fixed, names=("warped", "fixed"))
-    with _fp32(fused.device):
-        f, a, b = (_stretch(x.float()) for x in (fused, warped, fixed))
-        height, width = f.shape[-2:]
-        pad = (0, -width % CV_BLOCK, 0, -height % CV_BLOCK)  # zero-padded last blocks, as blkproc
-        csf = _csf((height, width), f.device)
-        f_spectrum = torch.fft.fft2(f)
-        weighted = total = f.new_zeros(f.shape[0])
-        for source in (a, b):
-            with torch.no_grad():
-                magnitude = torch.linalg.vector_norm(sobel_xy(source), dim=2)
-                saliency = F.avg_pool2d(F.pad(magnitude**CV_ALPHA, pad), CV_BLOCK)
-            difference = torch.fft.ifft2((torch.fft.fft2(source) - f_spectrum) * csf).real
-            distortion = F.avg_pool2d(F.pad(difference**2, pad), CV_BLOCK)
-            weighted = weighted + (saliency * distortion).sum(dim=(1, 2, 3))
-            total = total + saliency.sum(dim=(1, 2, 3))
-        return (weighted / total.clamp_min(torch.finfo(torch.float32).tiny)).mean()
-
-
-def _strength_and_angle(image: Tensor) -> tuple[Tensor, Tensor]:
-    """Sobel edge strength and orientation atan(-gy / gx) (pi/2 where gx = 0), as Q_AB/F's.
-
-    Shapes: (N, 1, H, W) -> two (N, 1, H, W), float32. The strength's gradient at a flat pixel is 0.
-    """
-    g = sobel_xy(image)
-    gx, gy = g[:, :, 0], g[:, :, 1]
-    vertical = gx == 0
-    angle = torch.where(vertical, math.pi / 2, torch.atan(-gy / torch.where(vertical, 1.0, gx)))
-    return torch.linalg.vector_norm(g, dim=2), angle
-
-
-def qabf_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
-    """1 - Q_AB/F (Xydeas & Petrovic 2000; metrics.fusion.q_abf) as a loss, in [0, 1].
-
-    Not in the paper. The metric's steps on tensors: per pixel, how much of each source's Sobel
-    edge the fused image keeps, in strength (the ratio of the smaller to the larger strength) and
-    in orientation, through the metric's two sigmoids; the sources' edge strengths weigh the
-    pixels; per sample sum(Q_AF g_A + Q_BF g_B) / sum(g_A + g_B), then 1 - the batch mean. The
-    metric is scale-free, so its x255 is left out; its "equal strengths" quirk is left out, and
-    the Sobel edges are replicated (`sobel_xy`): on a black-bordered image it is within 1e-3 of
-    1 - q_abf (tested).
-    """
-    check_same_size(warped, fixed, names=("warped", "fixed"))
-    with _fp32(fused.device):
-        strength_f, angle_f = _strength_and_angle(fused.float())
-        weighted = total = strength_f.new_zeros(strength_f.shape[0])
-        for source in (warped, fixed):
-            with torch.no_grad():
-                strength, angle = _strength_and_angle(source.float())
-            larger = torch.maximum(strength, strength_f).clamp_min(torch.finfo(torch.float32).tiny)
-            ratio = torch.minimum(strength, strength_f) / larger
-            agreement = 1 - (angle - angle_f).abs() / (math.pi / 2)
-            q_strength = GAMMA_G * torch.sigmoid(-KAPPA_G * (ratio - SIGMA_G))
-            q_angle = GAMMA_A * torch.sigmoid(-KAPPA_A * (agreement - SIGMA_A))
-            weighted = weighted + (q_strength * q_angle * strength).sum(dim=(1, 2, 3))
-            total = total + strength.sum(dim=(1, 2, 3))
-        return 1 - (weighted / total.clamp_min(torch.finfo(torch.float32).tiny)).mean()
-
-
 def total_loss(
     out: FusionOutput,
     *,
@@ -288,8 +166,8 @@ def total_loss(
     With ``weights.flow > 0`` and the ground-truth `flow_true` (N, 2, H, W), a supervised
     end-point term ``flow`` joins them (not in the paper; see LossWeights.flow); with
     ``weights.flow_scales > 0``, its counterpart at every BSFA step's scale ``flow_scales``
-    (`step_endpoint_loss`); with ``weights.cv > 0``, the Q_CV term ``cv`` (`cv_loss`, not in the
-    paper either); with ``weights.abf > 0``, the Q_AB/F term ``abf`` (`qabf_loss`, nor this).
+    (`step_endpoint_loss`); with ``weights.cv > 0``, the Q_CV term ``cv`` (`metric_losses.cv_loss`,
+    not in the paper either); with ``weights.abf > 0``, the Q_AB/F term ``abf`` (`metric_losses.qabf_loss`).
     """
     weights = weights or LossWeights()
     if out.logits_moving_transfer is None or out.logits_fixed_transfer is None:
@@ -361,7 +239,7 @@ def step_endpoint_loss(
         )
     size = (flow_true.shape[-2], flow_true.shape[-1])
     steps = [a - b for a, b in zip(flows_moving, flows_fixed, strict=True)]
-    with _fp32(flow_true.device):
+    with fp32_scope(flow_true.device):
         errors = []
         for i, step in enumerate(steps):
             coarse = resize_flow(flow_true.float(), (step.shape[-2], step.shape[-1]), antialias=True)

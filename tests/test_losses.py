@@ -10,17 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from bsafuse.config import LossWeights
+from bsafuse.edges import sobel
 from bsafuse.losses import (
     consistency_loss,
-    cv_loss,
     flow_smoothness,
     gradient_loss,
     intensity_loss,
     l1,
     modality_loss,
-    qabf_loss,
     smoothness_loss,
-    sobel,
     ssim,
     ssim_loss,
     step_endpoint_loss,
@@ -29,6 +27,7 @@ from bsafuse.losses import (
     transfer_loss,
     update_mu,
 )
+from bsafuse.metric_losses import cv_loss, qabf_loss
 from bsafuse.metrics.fusion import q_abf, q_cv
 from bsafuse.model import FusionOutput
 from bsafuse.warp import warp
