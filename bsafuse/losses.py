@@ -21,6 +21,7 @@ from bsafuse._checks import check_same_size, check_shape
 from bsafuse.config import LossWeights
 from bsafuse.edges import fp32_scope, sobel
 from bsafuse.metric_losses import cv_loss, qabf_loss
+from bsafuse.warp import resize_flow
 
 if TYPE_CHECKING:
     from bsafuse.model import FusionOutput
@@ -229,8 +230,7 @@ def step_endpoint_loss(
     each coarse pixel covers). Both are compared at full size, in full-size pixels, so every step
     weighs the same and the finest step's target is `flow_true` itself. Not in the paper.
     """
-    from bsafuse.model.align import total_flow  # the model's own Eq. 7, one definition
-    from bsafuse.warp import resize_flow
+    from bsafuse.model.align import total_flow  # the model's own Eq. 7 (bsafuse.model loads lazily)
 
     check_shape(flow_true, "N 2 H W", name="flow_true")
     if not flows_moving or len(flows_moving) != len(flows_fixed):
