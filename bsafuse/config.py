@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from bsafuse.typed_dicts import build, plain
 
@@ -98,10 +98,16 @@ class FuseConfig:
     channels: tuple[int, ...] = (64, 32, 16, 12)  # output channels of FusionBlock 1..K-1
     heads: tuple[int, ...] = (4, 2, 1, 1)
     reconstruction_heads: int = 1
+    # "none": the paper's reconstruction, sigmoid(conv(...)). "max" (not in the paper; design.md §2):
+    # the reconstruction learns a correction of the aligned pair's pixel maximum, in logits,
+    # sigmoid(conv(...) + logit(max(W(I_A, phi), I_B))), its last conv starting at zero.
+    anchor: Literal["none", "max"] = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "heads", tuple(self.heads))
+        if self.anchor not in ("none", "max"):
+            raise ValueError(f"FuseConfig.anchor must be 'none' or 'max', got {self.anchor!r}")
         _divisible("FuseConfig", self.channels, self.heads, "fusion block")
         _divisible("FuseConfig", (self.channels[-1],), (self.reconstruction_heads,), "reconstruction")
 

@@ -63,6 +63,7 @@ def test_replace_keeps_validation() -> None:
             lambda: FuseConfig(channels=(64, 32, 16, 12), heads=(4, 2, 1)),
             r"4 channel counts but 3 head counts",
         ),
+        (lambda: FuseConfig(anchor="min"), r"FuseConfig.anchor must be 'none' or 'max', got 'min'"),  # type: ignore[arg-type]
         (lambda: ModelConfig(ffn_expansion=0), r"ffn_expansion must be positive"),
         (
             lambda: ModelConfig(align=AlignConfig(channels=(128, 64, 32, 16, 8))),
@@ -86,6 +87,13 @@ def test_checkpoints_that_stored_the_patch_size_still_load() -> None:
     assert ModelConfig.from_dict(legacy) == ModelConfig.paper()
     with pytest.raises(ValueError, match=r"encoder.patch \(8\) must equal 2\*\*\(K-1\) = 16"):
         ModelConfig.from_dict({**stored, "encoder": {**stored["encoder"], "patch": 8}})
+
+
+def test_checkpoints_from_before_the_fusion_anchor_load_without_one() -> None:
+    stored = ModelConfig.small().to_dict()
+    assert stored["fuse"]["anchor"] == "none"
+    del stored["fuse"]["anchor"]
+    assert ModelConfig.from_dict(stored) == ModelConfig.small()
 
 
 def test_from_dict_refuses_unknown_and_mistyped_keys() -> None:

@@ -188,6 +188,37 @@ def test_fused_follows_fixed_where_moving_has_no_data(generator: torch.Generator
     assert out.valid[..., :40].min().item() == 1.0
 
 
+def test_max_anchor_starts_at_the_pixel_maximum_and_learns_a_correction(generator: torch.Generator) -> None:
+    config = small_config()
+    model = build(dataclasses.replace(config, fuse=dataclasses.replace(config.fuse, anchor="max"))).eval()
+    plant(model, forward={0: (0.3, 0.0)}, reverse={})  # 0.3 * 63 / 3 = 6.3 px to the right
+    moving, fixed = pair(generator, n=1)
+    fixed = fixed * 0.5 + 0.25
+    with torch.inference_mode():
+        out = model(moving, fixed)
+    inside = (..., slice(None), slice(None, 56))  # x + 6.3 < 63: the warped moving image has data
+    assert out.valid[inside].min().item() == 1.0
+    maximum = torch.maximum(out.warped, fixed)
+    assert (maximum != fixed)[inside].float().mean().item() > 0.2  # the maximum takes both images
+    expected = maximum.clamp(1e-3, 1 - 1e-3)  # the anchor's logit is taken within [eps, 1 - eps]
+    assert (expected != maximum).any()
+    torch.testing.assert_close(out.fused[inside], expected[inside], rtol=0, atol=1e-6)
+    # a correction of +0.5 in logits everywhere: sigmoid(logit(max) + 0.5) = max e^0.5 / (1 - max + max e^0.5)
+    with torch.no_grad():
+        model.fuse.reconstruction.out.bias.fill_(0.5)
+    with torch.inference_mode():
+        corrected = model(moving, fixed).fused
+    e = math.exp(0.5)
+    hand = expected * e / (1 - expected + expected * e)
+    torch.testing.assert_close(corrected[inside], hand[inside], rtol=0, atol=1e-5)
+    # the correction learns: its conv gets gradients though it starts at zero
+    model.train()
+    model.fuse.reconstruction.out.bias.data.zero_()
+    model(moving, fixed).fused.square().mean().backward()
+    grad = model.fuse.reconstruction.out.weight.grad
+    assert grad is not None and grad.abs().max().item() > 0
+
+
 def test_bad_inputs_are_refused(small: BSAFusion) -> None:
     with pytest.raises(ValueError, match=r"inputs are 60x60 pixels; BSAFusion needs multiples of 16"):
         small(torch.zeros(1, 1, 60, 60), torch.zeros(1, 1, 60, 60))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+from typing import Literal
 
 import pytest
 import torch
@@ -209,10 +210,13 @@ def test_instance_norm_as_group_norm_keeps_nhwc_memory() -> None:
 # whole networks
 
 
-@pytest.mark.parametrize(("n", "h", "w"), [(2, 64, 64), (1, 48, 80)])
+@pytest.mark.parametrize(("n", "h", "w", "anchor"), [(2, 64, 64, "none"), (1, 48, 80, "max")])
 @pytest.mark.slow
-def test_small_config_forward_matches_the_reference(n: int, h: int, w: int) -> None:
-    model = build(dataclasses.replace(ModelConfig.small(), image_size=64)).eval()
+def test_small_config_forward_matches_the_reference(n: int, h: int, w: int, anchor: Literal["none", "max"]) -> None:
+    config = dataclasses.replace(ModelConfig.small(), image_size=64)
+    model = build(dataclasses.replace(config, fuse=dataclasses.replace(config.fuse, anchor=anchor))).eval()
+    if anchor == "max":  # a trained correction, not the zero it starts at
+        torch.nn.init.normal_(model.fuse.reconstruction.out.weight, std=0.2, generator=torch.Generator().manual_seed(3))
     plain = reference_copy(model)
     moving, fixed = images(n, h, w)
     with torch.inference_mode():

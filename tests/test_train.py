@@ -276,6 +276,28 @@ def test_init_with_other_fusion_widths_loads_the_rest_and_builds_the_fusion_fres
         Trainer(bad)
 
 
+def test_init_with_a_max_anchor_keeps_every_weight_and_starts_at_the_pixel_maximum(
+    full_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    source = read_checkpoint(full_run / "best.pt")
+    fuse = {**source["config"]["fuse"], "anchor": "max"}  # the same widths
+    config = TrainConfig.preset(
+        "quick",
+        tiny_config(tiny_data, tmp_path, epochs=1, init=str(full_run / "best.pt")).to_dict(),
+        {"recipe": {"fuse": fuse}},
+        data_dir=tiny_data,
+        run_dir=tmp_path,
+    )
+    model = Trainer(config).model
+    assert model.config.fuse.anchor == "max"
+    state = model.state_dict()
+    restarted = ("fuse.reconstruction.out.weight", "fuse.reconstruction.out.bias")
+    assert source["state_dict"][restarted[0]].abs().max().item() > 0
+    for key, value in source["state_dict"].items():
+        expected = torch.zeros_like(state[key]) if key in restarted else value.to(state[key].dtype)
+        torch.testing.assert_close(state[key], expected, rtol=0, atol=0, msg=key)
+
+
 def test_more_workers_than_cores_are_capped_with_a_note(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import os
 

@@ -23,7 +23,7 @@ from bsafuse.model.encoder import (
     inject_modality,
     token_map,
 )
-from bsafuse.model.fuse import MultimodalFusion, feature_pyramid
+from bsafuse.model.fuse import MultimodalFusion, feature_pyramid, pixel_maximum
 from bsafuse.model.speed import channels_last_gradient
 from bsafuse.warp import warp
 
@@ -63,6 +63,8 @@ class BSAFusion(nn.Module):
         attention would be a constant 1x1 softmax that never trains;
       - both images go through the shared encoder as one batch, and both sides' features
         through each up-module as one batch.
+    Not in the paper, off unless the config asks for it: ``fuse.anchor = "max"``, the
+    reconstruction as a correction of the aligned pair's pixel maximum (model/fuse.py).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -112,11 +114,11 @@ class BSAFusion(nn.Module):
         pyramid = feature_pyramid(token_map(enc.tokens, grid), self.align.ups[:-1])  # A, B as one batch
         halves = (channels_last_gradient(level).chunk(2, dim=0) for level in pyramid)
         pyramid_a, pyramid_b = zip(*halves, strict=True)
-        fused = self.fuse(list(pyramid_a), list(pyramid_b), shallow_a, shallow_b, flow)
-
         # W(I_A, phi) and W(1, phi) computed as one warp of both as channels; identical: per-channel sampling
         warped, valid = warp(torch.cat((moving, torch.ones_like(moving)), dim=1), flow).chunk(2, dim=1)
         valid = valid.clamp(0.0, 1.0)  # bilinear weights can sum to 1 + 1 ulp
+        anchor = pixel_maximum(warped, fixed) if self.config.fuse.anchor == "max" else None
+        fused = self.fuse(list(pyramid_a), list(pyramid_b), shallow_a, shallow_b, flow, anchor)
         fused = keep_fixed_outside(fused, fixed, valid)
         return FusionOutput(
             fused=fused,

@@ -5,7 +5,9 @@ concat(W(F^_A^i, phi at that scale), F^_B^i, G^(i-1)) and brings the result up x
 F^_A^i, F^_B^i (`feature_pyramid`) are the encoder's token maps *before* transfer (they keep each
 modality's content), brought to step i's scale by the alignment's shared up-modules. The
 reconstruction takes concat(G^J, F'_B, W(F'_A, phi)) through a Restormer block, a 3x3 conv and a
-sigmoid.
+sigmoid. With ``FuseConfig.anchor = "max"`` (not in the paper; design.md §2) the conv's output is a
+correction, in logits, of the aligned pair's pixel maximum: sigmoid(conv(...) + logit(max(W(I_A,
+phi), I_B))), and the conv starts at zero, so that an untrained correction gives the maximum.
 """
 
 from __future__ import annotations
@@ -46,16 +48,45 @@ class FusionBlock(nn.Module):
         return upsample2(self.encode(x))  # (N, out, 2h, 2w)
 
 
+ANCHOR_EPS = 1e-3  # the anchor is clipped to [eps, 1 - eps] before its logit (|logit| <= 6.9)
+
+
+def pixel_maximum(warped: Tensor, fixed: Tensor) -> Tensor:
+    """The anchor of FuseConfig.anchor = "max": max(W(I_A, phi), I_B) per pixel, fp32, (N, 1, H, W)."""
+    return torch.maximum(warped.float().clamp(0.0, 1.0), fixed.float())
+
+
+def anchored(logits: Tensor, anchor: Tensor | None) -> Tensor:
+    """The fused image from the reconstruction's logits: sigmoid(logits [+ logit(anchor)])."""
+    if anchor is None:
+        return torch.sigmoid(logits)
+    return torch.sigmoid(logits.float() + torch.logit(anchor.clamp(ANCHOR_EPS, 1.0 - ANCHOR_EPS)))
+
+
 class Reconstruction(nn.Module):
     """Restormer block, 3x3 conv to one channel, sigmoid: G^J and shallow features -> fused image."""
 
-    def __init__(self, in_channels: int, channels: int, *, heads: int, expansion: int) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, *, heads: int, expansion: int, anchored: bool = False
+    ) -> None:
         super().__init__()
         self.encode = RestormerBlock(in_channels, channels, heads=heads, expansion=expansion)
         self.out = nn.Conv2d(channels, 1, 3, padding=1)
+        self.anchored = anchored
+        if anchored:
+            self.start_at_anchor()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.out(self.encode(x)))  # (N, 1, H, W)
+    def start_at_anchor(self) -> None:
+        """Zero the last conv: the correction of the anchor starts at nothing."""
+        assert self.out.bias is not None
+        with torch.no_grad():
+            self.out.weight.zero_()
+            self.out.bias.zero_()
+
+    def forward(self, x: Tensor, anchor: Tensor | None = None) -> Tensor:
+        if (anchor is not None) != self.anchored:
+            raise ValueError("an anchored reconstruction needs its anchor, a plain one takes none")
+        return anchored(self.out(self.encode(x)), anchor)  # (N, 1, H, W)
 
 
 class MultimodalFusion(nn.Module):
@@ -77,6 +108,7 @@ class MultimodalFusion(nn.Module):
             outs[-1],
             heads=cfg.fuse.reconstruction_heads,
             expansion=cfg.ffn_expansion,
+            anchored=cfg.fuse.anchor == "max",
         )
 
     def forward(
@@ -86,8 +118,10 @@ class MultimodalFusion(nn.Module):
         shallow_a: Tensor,
         shallow_b: Tensor,
         flow: Tensor,
+        anchor: Tensor | None = None,
     ) -> Tensor:
-        """pyramid_*: K-1 maps F^_*^i, coarse to fine; shallow_*: (N, C', H, W); flow: (N, 2, H, W)."""
+        """pyramid_*: K-1 maps F^_*^i, coarse to fine; shallow_*: (N, C', H, W); flow: (N, 2, H, W);
+        anchor: `pixel_maximum` (N, 1, H, W) where the config asks for one, else None."""
         g: Tensor | None = None
         for block, feat_a, feat_b in zip(self.blocks, pyramid_a, pyramid_b, strict=True):
             size = (feat_a.shape[-2], feat_a.shape[-1])
@@ -98,4 +132,4 @@ class MultimodalFusion(nn.Module):
         assert g is not None
         aligned_shallow = channels_last(warp(channels_last_gradient(shallow_a), flow))
         x = torch.cat((g, shallow_b, aligned_shallow), dim=1)  # (N, C_J + 2C', H, W)
-        return self.reconstruction(x)
+        return self.reconstruction(x, anchor)

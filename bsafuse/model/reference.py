@@ -35,7 +35,7 @@ from bsafuse.model.align import (
 from bsafuse.model.blocks import ChannelAttention, GatedFeedForward, LayerNorm2d, RestormerBlock
 from bsafuse.model.bsafusion import BSAFusion, FusionOutput, keep_fixed_outside
 from bsafuse.model.encoder import EncodedPair, SharedEncoder, inject_modality, token_map
-from bsafuse.model.fuse import FusionBlock, MultimodalFusion, feature_pyramid
+from bsafuse.model.fuse import FusionBlock, MultimodalFusion, anchored, feature_pyramid, pixel_maximum
 from bsafuse.warp import resize_flow, warp
 
 
@@ -147,9 +147,10 @@ def multimodal_fusion(
     shallow_a: Tensor,
     shallow_b: Tensor,
     flow: Tensor,
+    anchor: Tensor | None = None,
 ) -> Tensor:
     """MMFF: G^i = up2(E_r(concat(W(F^_A^i, phi at that scale), F^_B^i, G^(i-1)))) (Eq. 10), then
-    sigmoid(conv(Restormer(concat(G^J, F'_B, W(F'_A, phi)))))."""
+    sigmoid(conv(Restormer(concat(G^J, F'_B, W(F'_A, phi)))) [+ logit(anchor)])."""
     g: Tensor | None = None
     blocks = cast(list[FusionBlock], list(module.blocks))
     for block, feat_a, feat_b in zip(blocks, pyramid_a, pyramid_b, strict=True):
@@ -159,7 +160,7 @@ def multimodal_fusion(
     assert g is not None
     reconstruction = module.reconstruction
     x = torch.cat((g, shallow_b, warp(shallow_a, flow)), dim=1)
-    return torch.sigmoid(reconstruction.out(restormer_block(reconstruction.encode, x)))
+    return anchored(reconstruction.out(restormer_block(reconstruction.encode, x)), anchor)
 
 
 def reference_forward(model: BSAFusion, moving: Tensor, fixed: Tensor) -> FusionOutput:
@@ -181,10 +182,11 @@ def reference_forward(model: BSAFusion, moving: Tensor, fixed: Tensor) -> Fusion
     ups = [functools.partial(feature_up, up) for up in cast(list[FeatureUp], list(model.align.ups))[:-1]]
     pyramid_a = feature_pyramid(token_map(enc_a.tokens, grid), ups)
     pyramid_b = feature_pyramid(token_map(enc_b.tokens, grid), ups)
-    fused = multimodal_fusion(model.fuse, pyramid_a, pyramid_b, enc_a.shallow, enc_b.shallow, alignment.flow)
-
     warped = warp(moving, alignment.flow)
     valid = warp(torch.ones_like(moving), alignment.flow).clamp(0.0, 1.0)
+    anchor = pixel_maximum(warped, fixed) if model.config.fuse.anchor == "max" else None
+    shallow = (enc_a.shallow, enc_b.shallow)
+    fused = multimodal_fusion(model.fuse, pyramid_a, pyramid_b, *shallow, alignment.flow, anchor)
     return FusionOutput(
         fused=keep_fixed_outside(fused, fixed, valid),
         flow=alignment.flow,

@@ -48,8 +48,11 @@ def initial_model(weights: str, image_size: int, fuse: FuseConfig | None = None)
     The structure (channels, heads, depths) is the checkpoint's; the working size and the flow
     heads' bound follow `image_size` as in `model_config`. The learned positional map is resized
     to the new working size (bilinear, as the encoder itself does for other input sizes). With
-    `fuse` other than the checkpoint's, the fusion (MMFF) is built fresh at those widths (from
-    the caller's random state) and only the other parts are loaded.
+    `fuse` of other widths than the checkpoint's, the fusion (MMFF) is built fresh at those widths
+    (from the caller's random state) and only the other parts are loaded. Where only
+    `fuse.anchor` differs, every weight is loaded and the reconstruction's last conv restarts:
+    at zero for the "max" anchor (the network then starts at the pixel maximum), freshly drawn
+    for "none".
     """
     from bsafuse.weights import read_checkpoint, resolve
 
@@ -57,7 +60,7 @@ def initial_model(weights: str, image_size: int, fuse: FuseConfig | None = None)
     stored = ModelConfig.from_dict(data["config"])
     model = BSAFusion(_with_fuse(_resized(stored, image_size), fuse))
     own = model.state_dict()
-    fresh = fuse is not None and fuse != stored.fuse
+    fresh = fuse is not None and dataclasses.replace(fuse, anchor=stored.fuse.anchor) != stored.fuse
     state = {k: v for k, v in data["state_dict"].items() if not (fresh and k.startswith("fuse."))}
     for name, tensor in own.items():
         if name in state and state[name].shape != tensor.shape and name.endswith("position"):
@@ -68,6 +71,12 @@ def initial_model(weights: str, image_size: int, fuse: FuseConfig | None = None)
     if fresh:
         state.update({k: v for k, v in own.items() if k.startswith("fuse.")})
     model.load_state_dict(state)
+    if not fresh and fuse is not None and fuse.anchor != stored.fuse.anchor:
+        reconstruction = model.fuse.reconstruction
+        if reconstruction.anchored:
+            reconstruction.start_at_anchor()
+        else:
+            reconstruction.out.reset_parameters()
     return model
 
 
