@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from bsafuse.cli import app
 from bsafuse.errors import DeviceError, InputError, OutputError
 from bsafuse.training import TrainConfig, Trainer, TrainEvent, read_resume
-from bsafuse.weights import load_checkpoint, read_checkpoint
+from bsafuse.weights import load_checkpoint, read_checkpoint, save_checkpoint
 
 NAMES = ["1001", "1002", "2001", "2002", "3001", "3002"]  # cases 1, 2 train (4 pairs), 3 validates
 
@@ -296,6 +296,15 @@ def test_init_with_a_max_anchor_keeps_every_weight_and_starts_at_the_pixel_maxim
     for key, value in source["state_dict"].items():
         expected = torch.zeros_like(state[key]) if key in restarted else value.to(state[key].dtype)
         torch.testing.assert_close(state[key], expected, rtol=0, atol=0, msg=key)
+    # and back: without the anchor that conv is drawn afresh, every other weight kept
+    save_checkpoint(tmp_path / "anchored.pt", model)
+    plain = {**fuse, "anchor": "none"}
+    back = TrainConfig.preset("quick", config.to_dict(), {"recipe": {"fuse": plain, "init": str(tmp_path / "anchored.pt")}})
+    again = Trainer(back).model.state_dict()
+    assert again[restarted[0]].abs().max().item() > 0
+    for key, value in state.items():
+        if key not in restarted:
+            torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_more_workers_than_cores_are_capped_with_a_note(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,7 +23,7 @@ from bsafuse.model.encoder import (
     inject_modality,
     token_map,
 )
-from bsafuse.model.fuse import MultimodalFusion, feature_pyramid, pixel_maximum
+from bsafuse.model.fuse import MultimodalFusion, feature_pyramid, fusion_anchor
 from bsafuse.model.speed import channels_last_gradient
 from bsafuse.warp import warp
 
@@ -117,7 +117,7 @@ class BSAFusion(nn.Module):
         # W(I_A, phi) and W(1, phi) computed as one warp of both as channels; identical: per-channel sampling
         warped, valid = warp(torch.cat((moving, torch.ones_like(moving)), dim=1), flow).chunk(2, dim=1)
         valid = valid.clamp(0.0, 1.0)  # bilinear weights can sum to 1 + 1 ulp
-        anchor = pixel_maximum(warped, fixed) if self.config.fuse.anchor == "max" else None
+        anchor = fusion_anchor(self.config.fuse, warped, fixed)
         fused = self.fuse(list(pyramid_a), list(pyramid_b), shallow_a, shallow_b, flow, anchor)
         fused = keep_fixed_outside(fused, fixed, valid)
         return FusionOutput(

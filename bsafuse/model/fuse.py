@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from bsafuse.config import ModelConfig
+from bsafuse.config import FuseConfig, ModelConfig
 from bsafuse.model.align import upsample2
 from bsafuse.model.blocks import RestormerBlock
 from bsafuse.model.speed import channels_last, channels_last_gradient
@@ -51,8 +51,11 @@ class FusionBlock(nn.Module):
 ANCHOR_EPS = 1e-3  # the anchor is clipped to [eps, 1 - eps] before its logit (|logit| <= 6.9)
 
 
-def pixel_maximum(warped: Tensor, fixed: Tensor) -> Tensor:
-    """The anchor of FuseConfig.anchor = "max": max(W(I_A, phi), I_B) per pixel, fp32, (N, 1, H, W)."""
+def fusion_anchor(config: FuseConfig, warped: Tensor, fixed: Tensor) -> Tensor | None:
+    """What the reconstruction corrects: for anchor "max" the pixel maximum max(W(I_A, phi), I_B),
+    fp32 (N, 1, H, W); None for the paper's reconstruction."""
+    if config.anchor == "none":
+        return None
     return torch.maximum(warped.float().clamp(0.0, 1.0), fixed.float())
 
 
@@ -121,7 +124,7 @@ class MultimodalFusion(nn.Module):
         anchor: Tensor | None = None,
     ) -> Tensor:
         """pyramid_*: K-1 maps F^_*^i, coarse to fine; shallow_*: (N, C', H, W); flow: (N, 2, H, W);
-        anchor: `pixel_maximum` (N, 1, H, W) where the config asks for one, else None."""
+        anchor: `fusion_anchor`'s."""
         g: Tensor | None = None
         for block, feat_a, feat_b in zip(self.blocks, pyramid_a, pyramid_b, strict=True):
             size = (feat_a.shape[-2], feat_a.shape[-1])

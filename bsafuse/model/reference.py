@@ -35,7 +35,7 @@ from bsafuse.model.align import (
 from bsafuse.model.blocks import ChannelAttention, GatedFeedForward, LayerNorm2d, RestormerBlock
 from bsafuse.model.bsafusion import BSAFusion, FusionOutput, keep_fixed_outside
 from bsafuse.model.encoder import EncodedPair, SharedEncoder, inject_modality, token_map
-from bsafuse.model.fuse import FusionBlock, MultimodalFusion, anchored, feature_pyramid, pixel_maximum
+from bsafuse.model.fuse import FusionBlock, MultimodalFusion, anchored, feature_pyramid, fusion_anchor
 from bsafuse.warp import resize_flow, warp
 
 
@@ -184,9 +184,10 @@ def reference_forward(model: BSAFusion, moving: Tensor, fixed: Tensor) -> Fusion
     pyramid_b = feature_pyramid(token_map(enc_b.tokens, grid), ups)
     warped = warp(moving, alignment.flow)
     valid = warp(torch.ones_like(moving), alignment.flow).clamp(0.0, 1.0)
-    anchor = pixel_maximum(warped, fixed) if model.config.fuse.anchor == "max" else None
-    shallow = (enc_a.shallow, enc_b.shallow)
-    fused = multimodal_fusion(model.fuse, pyramid_a, pyramid_b, *shallow, alignment.flow, anchor)
+    anchor = fusion_anchor(model.config.fuse, warped, fixed)
+    fused = multimodal_fusion(
+        model.fuse, pyramid_a, pyramid_b, enc_a.shallow, enc_b.shallow, alignment.flow, anchor
+    )
     return FusionOutput(
         fused=keep_fixed_outside(fused, fixed, valid),
         flow=alignment.flow,

@@ -106,6 +106,7 @@ class Recipe:
     freeze: tuple[str, ...] = ()
     # The fusion (MMFF) widths, where they differ from the network's (model or init): the fusion
     # is then built fresh at these widths and, with init, every other part comes from init.
+    # A change of `anchor` alone keeps every weight (training/network.py `initial_model`).
     fuse: FuseConfig | None = None
 
     def __post_init__(self) -> None:
