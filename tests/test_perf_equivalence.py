@@ -22,7 +22,7 @@ from typing import Literal
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from bsafuse.config import ModelConfig
 from bsafuse.losses import total_loss
@@ -197,6 +197,43 @@ def test_composed_convolutions_keep_the_border_exact(groups: int) -> None:
             with torch.set_grad_enabled(grad):
                 fast = torch.cat(pointwise_then_spatial(channels_last(image), pointwise, spatial, parts=parts), 1)
             assert torch.allclose(fast, expected, atol=1e-5), (grad, parts, tuple(image.shape))
+
+
+@pytest.mark.parametrize(("groups", "parts", "shape"), [(2, 2, (3, 9, 7)), (3, 1, (2, 1, 6)), (2, 1, (1, 5, 1))])
+def test_composed_convolutions_backward_for_few_channels_is_the_plain_gradient(
+    groups: int, parts: int, shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU backward pass of the composed convs (im2col weight gradient, flipped-kernel input
+    gradient, bias from the all-ones channel) gives the gradients of the two plain convs, also
+    when the samples are split over several products (a small COLUMN_BYTES) and at 1-pixel sizes."""
+    monkeypatch.setattr(speed, "COLUMN_BYTES", 1)  # one sample per product
+    torch.manual_seed(0)
+    channels = speed.MIN_CHANNELS
+    pointwise = nn.Conv2d(channels, 4 * groups, 1)
+    spatial = nn.Conv2d(4 * groups, 4 * groups, 3, padding=1, groups=groups)
+    nn.init.uniform_(pointwise.bias, 1.0, 2.0)  # type: ignore[arg-type]
+    n, h, w = shape
+    x = torch.randn(n, channels, h, w)
+    weights = torch.randn(n, 4 * groups, h, w)  # a loss that weighs every output differently
+    params = [x, *pointwise.parameters(), *spatial.parameters()]
+
+    def gradients(fast: bool) -> list[Tensor]:
+        image = channels_last(x).requires_grad_(True)
+        out = torch.cat(pointwise_then_spatial(image, pointwise, spatial, parts=parts), 1) if fast else (
+            spatial(pointwise(image))
+        )
+        return list(torch.autograd.grad((out * weights).sum(), [image, *params[1:]]))
+
+    calls = []
+    im2col = speed._weight_gradient
+    monkeypatch.setattr(speed, "_weight_gradient", lambda *a: calls.append(1) or im2col(*a))
+    fast_gradients = gradients(True)
+    assert calls == [1]  # the rewritten backward ran
+    for fast, plain in zip(fast_gradients, gradients(False), strict=True):
+        assert fast.shape == plain.shape
+        assert max_error(fast, plain) <= 1e-5 * max(1.0, plain.abs().max().item())
+    assert speed._few_channel_backward(channels_last(x))
+    assert not speed._few_channel_backward(x[:, : channels - 1])  # fewer channels: oneDNN's backward
 
 
 def test_instance_norm_as_group_norm_keeps_nhwc_memory() -> None:
