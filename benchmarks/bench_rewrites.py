@@ -53,11 +53,11 @@ def _variants(net: Any) -> dict[str, Callable[[Any, Any], Any]]:
     import torch.nn.functional as F
     from einops import rearrange
 
-    from bsafuse.model import align, blocks, speed
+    from bsafuse.model import align, blocks, composed_conv
 
     def attention_before(self: Any, x: Any) -> Any:  # q, k normalised copies, then the projection
         h, w = x.shape[-2:]
-        (qkv,) = speed.pointwise_then_spatial(x, self.qkv, self.qkv_spatial)
+        (qkv,) = composed_conv.pointwise_then_spatial(x, self.qkv, self.qkv_spatial)
         q, k, v = rearrange(qkv, "n (three g c) h w -> three n g c (h w)", three=3, g=self.heads)
         q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
         attn = torch.softmax(q @ k.transpose(-2, -1) * self.temperature.float(), dim=-1)
@@ -66,7 +66,7 @@ def _variants(net: Any) -> dict[str, Callable[[Any, Any], Any]]:
 
     def feed_forward_before(self: Any, x: Any) -> Any:  # one conv with an all-ones channel, halves strided
         ones = x.new_ones((x.shape[0], 1, *x.shape[-2:]))
-        kernel = speed.composed_kernel(self.expand, self.spatial)
+        kernel = composed_conv.composed_kernel(self.expand, self.spatial)
         a, b = F.conv2d(torch.cat((x, ones), 1), kernel, self.spatial.bias, padding=1).chunk(2, 1)
         return self.project(F.gelu(a) * b)
 

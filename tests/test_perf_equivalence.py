@@ -26,11 +26,12 @@ from torch import Tensor, nn
 
 from bsafuse.config import ModelConfig
 from bsafuse.losses import total_loss
-from bsafuse.model import BSAFusion, speed
+from bsafuse.model import BSAFusion, composed_conv, speed
 from bsafuse.model import reference as ref
 from bsafuse.model.align import FeatureUp, RegistrationLayer, SpatialCrossAttention
 from bsafuse.model.blocks import ChannelAttention, RestormerBlock
-from bsafuse.model.speed import channels_last, instance_norm, pointwise_then_spatial
+from bsafuse.model.composed_conv import pointwise_then_spatial
+from bsafuse.model.speed import channels_last, instance_norm
 
 TOLERANCE = 1e-4
 GRAD_TOLERANCE = 1e-3
@@ -206,9 +207,9 @@ def test_composed_convolutions_backward_for_few_channels_is_the_plain_gradient(
     """The CPU backward pass of the composed convs (im2col weight gradient, flipped-kernel input
     gradient, bias from the all-ones channel) gives the gradients of the two plain convs, also
     when the samples are split over several products (a small COLUMN_BYTES) and at 1-pixel sizes."""
-    monkeypatch.setattr(speed, "COLUMN_BYTES", 1)  # one sample per product
+    monkeypatch.setattr(composed_conv, "COLUMN_BYTES", 1)  # one sample per product
     torch.manual_seed(0)
-    channels = speed.MIN_CHANNELS
+    channels = composed_conv.MIN_CHANNELS
     pointwise = nn.Conv2d(channels, 4 * groups, 1)
     spatial = nn.Conv2d(4 * groups, 4 * groups, 3, padding=1, groups=groups)
     nn.init.uniform_(pointwise.bias, 1.0, 2.0)  # type: ignore[arg-type]
@@ -225,15 +226,15 @@ def test_composed_convolutions_backward_for_few_channels_is_the_plain_gradient(
         return list(torch.autograd.grad((out * weights).sum(), [image, *params[1:]]))
 
     calls = []
-    im2col = speed._weight_gradient
-    monkeypatch.setattr(speed, "_weight_gradient", lambda *a: calls.append(1) or im2col(*a))
+    im2col = composed_conv._weight_gradient
+    monkeypatch.setattr(composed_conv, "_weight_gradient", lambda *a: calls.append(1) or im2col(*a))
     fast_gradients = gradients(True)
     assert calls == [1]  # the rewritten backward ran
     for fast, plain in zip(fast_gradients, gradients(False), strict=True):
         assert fast.shape == plain.shape
         assert max_error(fast, plain) <= 1e-5 * max(1.0, plain.abs().max().item())
-    assert speed._few_channel_backward(channels_last(x))
-    assert not speed._few_channel_backward(x[:, : channels - 1])  # fewer channels: oneDNN's backward
+    assert composed_conv._few_channel_backward(channels_last(x))
+    assert not composed_conv._few_channel_backward(x[:, : channels - 1])  # fewer channels: oneDNN's backward
 
 
 def test_instance_norm_as_group_norm_keeps_nhwc_memory() -> None:

@@ -9,12 +9,8 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from bsafuse.model.speed import (
-    channel_attention,
-    layer_norm_channels,
-    pointwise,
-    pointwise_then_spatial,
-)
+from bsafuse.model.composed_conv import pointwise_then_spatial
+from bsafuse.model.speed import channel_attention, layer_norm_channels, pointwise
 
 
 class LayerNorm2d(nn.Module):

@@ -5,20 +5,7 @@ rounding), with the same parameters, so checkpoints and training are unaffected.
 transcription of the network lives in model/reference.py; tests/test_perf_equivalence.py checks
 the two agree within 1e-4 on whole-network outputs and gradients.
 
-- *Composed 1x1 -> 3x3 convolutions.* Each Restormer branch is a 1x1 conv (C -> M) followed by a
-  grouped 3x3 conv (M -> M). Both are linear, so they are one 3x3 conv C -> M whose kernel is the
-  product of the two. For the gated feed-forward (M = 2 * 4C, two groups of 4C inputs) that is 4x
-  fewer multiply-adds (the network's heaviest layers, at full resolution). The 1x1 conv's bias
-  would be zero-padded at the image border by the 3x3 conv: its contribution is a constant map
-  whose border pixels miss the taps that fall on the padding, subtracted there (an all-ones input
-  channel, padded with zeros like the rest, does the same for other kernel shapes). The branches
-  of the gated feed-forward run as one conv each, so each is contiguous in memory: GELU on a
-  strided half of a 24- or 96-channel map took 5-10x as long as on a contiguous one.
-- *A backward pass of their own for the composed convolutions (training on a CPU).* From NHWC
-  inputs of 8-13 channels to 24-96 outputs oneDNN's backward pass took 4-5x the forward; the
-  weight gradient as one im2col product and the input gradient as a forward conv with the
-  flipped kernel took a GDFN's backward from 205-213 to 145-156 ms (paper config, batch 2, one
-  core; `_SameConv3x3`). Fewer channels keep oneDNN's.
+- *Composed 1x1 -> 3x3 convolutions*: model/composed_conv.py.
 - *channels_last.* Convolutions, the channel LayerNorm and bilinear resizes run on NHWC memory
   without layout round trips (oneDNN's native layout on CPUs, tensor cores' on GPUs).
 - *InstanceNorm as GroupNorm.* One group per channel is the same normalisation, and group_norm
@@ -49,8 +36,6 @@ transposed, the flows resized once as differences, one warp for the image and it
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,154 +85,6 @@ def channels_last_gradient(x: Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and x.requires_grad) or x.ndim != 4:
         return x
     out: Tensor = _GradientInChannelsLast.apply(x)
-    return out
-
-
-def composed_kernel(pointwise: nn.Conv2d, spatial: nn.Conv2d) -> Tensor:
-    """Kernel of the single conv equal to ``spatial(pointwise(x))``, with the bias channel last.
-
-    Shapes: pointwise (M, C, 1, 1), spatial (O, M / g, k, k) with g groups -> (O, C + 1, k, k).
-    Output o of group j reads pointwise rows j*M/g .. (j+1)*M/g - 1; input channel C is the
-    pointwise bias, applied to an all-ones channel.
-    """
-    groups = spatial.groups
-    out_ch, per_group, k1, k2 = spatial.weight.shape
-    w1 = pointwise.weight.flatten(1)  # (M, C)
-    b1 = pointwise.bias if pointwise.bias is not None else w1.new_zeros(w1.shape[0])
-    w1 = torch.cat((w1, b1[:, None]), dim=1).view(groups, per_group, -1)  # (g, M/g, C + 1)
-    w3 = spatial.weight.view(groups, out_ch // groups, per_group, k1, k2)  # (g, O/g, M/g, k, k)
-    with torch.autocast(device_type=w1.device.type, enabled=False):  # compose in fp32
-        kernel = torch.einsum("goikl,gic->gockl", w3.float(), w1.float())  # (g, O/g, C + 1, k, k)
-    return kernel.reshape(out_ch, -1, k1, k2).contiguous(memory_format=torch.channels_last)
-
-
-def pointwise_then_spatial(
-    x: Tensor, pointwise: nn.Conv2d, spatial: nn.Conv2d, *, parts: int = 1
-) -> tuple[Tensor, ...]:
-    """``spatial(pointwise(x))`` for a 1x1 conv followed by a (grouped) conv with zero padding,
-    split into `parts` equal chunks of output channels (each its own contiguous NHWC tensor).
-
-    Computed as one conv with the composed kernel per part (see the module docstring); the
-    pointwise bias, which the zero padding must not see, is a constant map with a corrected
-    border (`_bias_with_border`). Other layer pairs run as they are.
-    Shapes: (N, C, H, W) -> `parts` x (N, O / parts, H, W).
-    """
-    if pointwise.kernel_size != (1, 1) or spatial.padding_mode != "zeros":
-        return spatial(pointwise(x)).chunk(parts, dim=1)
-    kernel = composed_kernel(pointwise, spatial).to(x.dtype)
-    c = x.shape[1]
-    same = spatial.stride == (1, 1) and spatial.dilation == (1, 1) and spatial.padding == (1, 1)
-    # the general form, one-pixel rows or columns, and training (each in-place op of the border
-    # fix would copy the whole gradient): the bias as an all-ones input channel
-    bias = spatial.bias if spatial.bias is not None else kernel.new_zeros(kernel.shape[0])
-    # training on a CPU from 8 channels up: the same, with a backward pass of its own (_SameConv3x3)
-    if same and spatial.kernel_size == (3, 3) and torch.is_grad_enabled() and _few_channel_backward(x):
-        return _SameConv3x3.apply(channels_last(x), kernel, bias, parts)
-    if torch.is_grad_enabled() or not same or spatial.kernel_size != (3, 3) or min(x.shape[-2:]) < 2:
-        ones = x.new_ones((x.shape[0], 1, *x.shape[-2:])).contiguous(memory_format=torch.channels_last)
-        stacked = channels_last(torch.cat((channels_last(x), ones), dim=1))  # NHWC, as the kernel
-        return tuple(
-            F.conv2d(stacked, k, b, stride=spatial.stride, padding=spatial.padding, dilation=spatial.dilation)
-            for k, b in zip(kernel.chunk(parts), bias.chunk(parts), strict=True)
-        )
-    outs = []
-    for k, b in zip(kernel.chunk(parts), bias.chunk(parts), strict=True):
-        outs.append(_bias_with_border(F.conv2d(x, k[:, :c], b + k[:, c].sum((-2, -1)), padding=1), k[:, c]))
-    return tuple(outs)
-
-
-MIN_CHANNELS = 8  # from 3 channels (12 out) oneDNN's own backward was faster: 26 against 35 ms
-COLUMN_BYTES = 64 << 20  # at most this much memory for the shifted pixel rows of the weight gradient
-
-
-def _few_channel_backward(x: Tensor) -> bool:
-    """Whether `_SameConv3x3` should run: float32 on a CPU, outside autocast."""
-    cpu = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    return cpu and x.shape[1] >= MIN_CHANNELS
-
-
-class _SameConv3x3(torch.autograd.Function):
-    """The composed 3x3 'same' convs of one input (its bias as an all-ones channel), one per part
-    of the kernel, with a backward pass for few input channels.
-
-    oneDNN's backward for a 3x3 conv from 9-13 NHWC channels to 32-96 took 4-5x its forward
-    (weight gradient 62-72 ms against a 15 ms forward, 2 x 13 -> 48 at 256 x 256, one core). Here
-    the weight gradient is one matrix product of the output gradient's pixel rows with the nine
-    shifted copies of the input's (im2col), and the input gradient a forward conv of the output
-    gradient with the flipped kernel, for the real channels only (the all-ones channel needs none).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, kernel: Tensor, bias: Tensor, parts: int) -> tuple[Tensor, ...]:
-        ctx.save_for_backward(x, kernel)
-        ctx.parts = parts
-        stacked = _with_ones(x)
-        return tuple(
-            F.conv2d(stacked, k, b, padding=1) for k, b in zip(kernel.chunk(parts), bias.chunk(parts), strict=True)
-        )
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        x, kernel = ctx.saved_tensors
-        grads = tuple(channels_last(g) for g in grads)
-        grad_x = grad_kernel = grad_bias = None
-        if ctx.needs_input_grad[0]:  # correlation with the flipped kernel, real channels only
-            flipped = kernel[:, : x.shape[1]].flip(2, 3).transpose(0, 1)  # (C, O, 3, 3)
-            parts = [
-                F.conv2d(g, channels_last(k), padding=1)
-                for g, k in zip(grads, flipped.chunk(ctx.parts, dim=1), strict=True)
-            ]
-            grad_x = parts[0]
-            for part in parts[1:]:
-                grad_x.add_(part)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_kernel = _weight_gradient(_with_ones(x), grads, kernel.shape[0])
-            # the all-ones channel's centre tap sees every pixel: its gradient is the bias's
-            grad_bias = grad_kernel[:, -1, 1, 1].clone()
-        return grad_x, grad_kernel, grad_bias, None
-
-
-def _with_ones(x: Tensor) -> Tensor:
-    """(N, C, H, W) NHWC -> (N, C + 1, H, W) NHWC with an all-ones last channel."""
-    ones = x.new_ones((x.shape[0], 1, *x.shape[-2:])).contiguous(memory_format=torch.channels_last)
-    return channels_last(torch.cat((x, ones), dim=1))
-
-
-def _weight_gradient(x: Tensor, grads: tuple[Tensor, ...], out_channels: int) -> Tensor:
-    """Gradient of a 3x3 'same' conv's kernel (O, C, 3, 3) from its input `x` (N, C, H, W) and the
-    gradients of its output parts (each (N, O / parts, H, W), NHWC), as im2col products."""
-    n, c, h, w = x.shape
-    padded = pixel_rows(channels_last(F.pad(x, (1, 1, 1, 1)))).view(n, h + 2, w + 2, c)
-    out = x.new_empty(out_channels, 9 * c)  # (O, 3 * 3 * C): the NHWC memory of (O, C, 3, 3)
-    rows = [pixel_rows(g) for g in grads]  # (N, HW, O / parts) each
-    step = max(1, COLUMN_BYTES // (h * w * 9 * c * x.element_size()))  # samples per product
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        # the 3 x 3 neighbourhood of every pixel: three rows of 3C contiguous numbers each in
-        # `padded`, gathered by one copy from an overlapping view
-        sn, sy, sx, _ = padded.stride()
-        window = padded[start:stop].as_strided(
-            (stop - start, h, w, 3, 3 * c), (sn, sy, sx, sy, 1), padded.storage_offset() + start * sn
-        )
-        columns = x.new_empty(stop - start, h, w, 3, 3 * c)
-        columns.copy_(window)
-        flat = columns.view(-1, 9 * c)
-        for part, g in zip(out.chunk(len(rows)), rows, strict=True):
-            part.addmm_(g[start:stop].reshape(-1, g.shape[-1]).t(), flat, beta=0 if start == 0 else 1)
-    return out.view(out_channels, 3, 3, c).permute(0, 3, 1, 2)
-
-
-def _bias_with_border(out: Tensor, taps: Tensor) -> Tensor:
-    """Remove from a 3x3 'same' conv's output the bias taps that fell on the zero padding.
-
-    `out` was computed with every tap of the bias kernel `taps` (O, 3, 3) counted; a pixel in the
-    first row has no row above it, so row 0 of the taps did not apply there, and so on for the
-    other edges; corners had two edges removed and get their shared tap back. In place.
-    """
-    h, w = out.shape[-2:]  # both at least 2 (pointwise_then_spatial): one strided view per side
-    out[:, :, :: h - 1, :] -= taps[:, ::2].sum(-1)[..., None]  # rows 0, h-1 lose tap rows 0, 2
-    out[:, :, :, :: w - 1] -= taps[:, :, ::2].sum(1)[:, None, :]  # columns 0, w-1
-    out[:, :, :: h - 1, :: w - 1] += taps[:, ::2, ::2]  # the four corners
     return out
 
 
