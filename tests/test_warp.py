@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bsafuse.warp as warp_module
 from bsafuse.warp import (
     compose_flows,
     invert_flow,
@@ -124,6 +125,20 @@ def test_inverse_undoes_the_warp(generator: torch.Generator) -> None:
     flow = smooth_flow(generator, amplitude=3.0)
     composed = compose_flows(flow, invert_flow(flow))
     assert composed[..., 4:-4, 4:-4].abs().max().item() < 0.05
+
+
+def test_inverse_stops_once_converged_within_its_tolerance(
+    generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flow = smooth_flow(generator, amplitude=3.0)
+    full = invert_flow(flow, tolerance=0.0)  # all 30 steps
+    steps = []
+    plain_warp = warp_module.warp
+    monkeypatch.setattr(warp_module, "warp", lambda *a, **k: steps.append(1) or plain_warp(*a, **k))
+    early = invert_flow(flow)
+    assert 3 <= len(steps) < 20
+    assert (early - full).abs().max().item() < 1e-3  # a few times the 1e-4 px of the last step
+    assert invert_flow(torch.zeros(1, 2, 5, 5)).abs().max().item() == 0.0
 
 
 def test_jacobian_of_identity_and_scaling() -> None:
