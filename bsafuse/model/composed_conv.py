@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from bsafuse.model.speed import channels_last, pixel_rows
 
@@ -111,6 +112,7 @@ class _SameConv3x3(torch.autograd.Function):
         return tuple(F.conv2d(stacked, k, b, padding=1) for k, b in pairs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         x, kernel = ctx.saved_tensors
         grads = tuple(channels_last(g) for g in grads)
