@@ -64,12 +64,13 @@ def pointwise_then_spatial(
     kernel = composed_kernel(pointwise, spatial).to(x.dtype)
     c = x.shape[1]
     same = spatial.stride == (1, 1) and spatial.dilation == (1, 1) and spatial.padding == (1, 1)
-    # the general form, one-pixel rows or columns, and training (each in-place op of the border
-    # fix would copy the whole gradient): the bias as an all-ones input channel
     bias = spatial.bias if spatial.bias is not None else kernel.new_zeros(kernel.shape[0])
-    # training on a CPU from 8 channels up: the same, with a backward pass of its own (_SameConv3x3)
+    # training on a CPU from 8 channels up: the bias as an all-ones input channel, with a backward
+    # pass of its own (_SameConv3x3)
     if same and spatial.kernel_size == (3, 3) and torch.is_grad_enabled() and _few_channel_backward(x):
         return _SameConv3x3.apply(channels_last(x), kernel, bias, parts)
+    # the general form, one-pixel rows or columns, and other training (each in-place op of the
+    # border fix would copy the whole gradient): the bias as an all-ones input channel
     if torch.is_grad_enabled() or not same or spatial.kernel_size != (3, 3) or min(x.shape[-2:]) < 2:
         stacked = _with_ones(channels_last(x))  # NHWC, as the kernel
         return tuple(
