@@ -72,12 +72,14 @@ class SpatialCrossAttention(nn.Module):
             gate = logits.sub_(spatial_amax(logits)).exp_().to(both.dtype)  # softmax / peak
             out = gate.mul_(both).add_(both)
             return out[:n] + out[n:]
-        keys = channels_last_gradient(F.relu(self.key(both)))  # sliced below: keep its gradient NHWC
-        score = F.relu(self.query(both)) * torch.cat((keys[n:], keys[:n]))
+        # halves by chunk, not by slicing: the backward pass then joins their gradients in one copy
+        # where each slice would fill a zero tensor of the whole batch
+        keys_d, keys_f = channels_last_gradient(F.relu(self.key(both))).chunk(2)  # keep its gradient NHWC
+        score = F.relu(self.query(both)) * torch.cat((keys_f, keys_d))
         score = score.float()
         gate = torch.exp(score - spatial_amax(score)).to(both.dtype)  # softmax / peak
-        out = channels_last_gradient(torch.addcmul(both, both, gate))  # x + x * gate
-        return out[:n] + out[n:]
+        out_d, out_f = channels_last_gradient(torch.addcmul(both, both, gate)).chunk(2)  # x + x * gate
+        return out_d + out_f
 
 
 class RegistrationLayer(nn.Module):

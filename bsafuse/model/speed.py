@@ -129,8 +129,10 @@ def channel_attention(qkv: Tensor, heads: int, temperature: Tensor, project: nn.
     c = c3 // 3
     d = c // heads
     rows = pixel_rows(qkv)  # (N, HW, 3C)
+    # split, not sliced twice: the backward pass joins the two gradients in one copy
+    qk_rows, v = rows.split((2 * c, c), dim=-1)
     with torch.autocast(device_type=qkv.device.type, enabled=False):
-        qk = rows[..., : 2 * c].float()
+        qk = qk_rows.float()
         gram = qk.transpose(1, 2) @ qk  # (N, 2C, 2C)
         norms = gram.diagonal(dim1=1, dim2=2).sqrt().clamp_min(1e-12)  # F.normalize's eps
         logits = gram[:, :c, c:] / (norms[:, :c, None] * norms[:, None, c:])  # (N, C, C): q^_i . k^_j
@@ -140,7 +142,6 @@ def channel_attention(qkv: Tensor, heads: int, temperature: Tensor, project: nn.
         # project o <- channel (g, i) <- v channel (g, j): one C x C matrix per sample
         weight = project.weight.float().reshape(c, heads, d)
         mixing = torch.einsum("ogi,ngij->nogj", weight, attn).reshape(n, c, c)
-    v = rows[..., 2 * c :]
     bias = project.bias if project.bias is not None else v.new_zeros(c)
     out = torch.baddbmm(bias.to(v.dtype), v, mixing.transpose(1, 2).to(v.dtype))  # (N, HW, C)
     return out.view(n, h, w, c).permute(0, 3, 1, 2)
