@@ -84,7 +84,7 @@ def pointwise_then_spatial(
 
 
 MIN_CHANNELS = 8  # from 3 channels (12 out) oneDNN's own backward was faster: 26 against 35 ms
-COLUMN_BYTES = 32 << 20  # at most this much memory for the shifted pixel rows of the weight gradient
+COLUMN_BYTES = 32 << 20  # the backward pass's scratch per chunk of samples (shifted rows, partial gradients)
 
 
 def _few_channel_backward(x: Tensor) -> bool:
@@ -99,9 +99,10 @@ class _SameConv3x3(torch.autograd.Function):
 
     oneDNN's backward for a 3x3 conv from 9-13 NHWC channels to 32-96 took 4-5x its forward
     (weight gradient 62-72 ms against a 15 ms forward, 2 x 13 -> 48 at 256 x 256, one core). Here
-    the weight gradient is one matrix product of the output gradient's pixel rows with the nine
+    the weight gradient is the matrix product of the output gradient's pixel rows with the nine
     shifted copies of the input's (im2col), and the input gradient a forward conv of the output
-    gradient with the flipped kernel, for the real channels only (the all-ones channel needs none).
+    gradient with the flipped kernel, for the real channels only (the all-ones channel needs none);
+    both a few samples at a time (COLUMN_BYTES).
     """
 
     @staticmethod
