@@ -215,8 +215,11 @@ class MisalignedPairs(Dataset[dict[str, Tensor]]):
     for every (epoch, index); `train=False` gives one fixed deformation per index, no augmentation.
     """
 
-    def __init__(self, pairs: PairSet, *, params: DeformParams, seed: int, train: bool) -> None:
+    def __init__(
+        self, pairs: PairSet, *, params: DeformParams, seed: int, train: bool, ramp_epochs: int = 0
+    ) -> None:
         self.pairs, self.params, self.seed, self.train = pairs, params, seed, train
+        self.ramp_epochs = ramp_epochs  # a curriculum: see `params_of`
 
     def __len__(self) -> int:
         return len(self.pairs.names)
@@ -229,7 +232,7 @@ class MisalignedPairs(Dataset[dict[str, Tensor]]):
         label, fixed = self.pairs.moving[index : index + 1], self.pairs.fixed[index : index + 1]
         if self.train and (self.params.flip or self.params.rot90):
             label, fixed = augment_pair(label, fixed, g, flip=self.params.flip, rot90=self.params.rot90)
-        moving, flow = random_deformation(label, params=self.params, generator=g)
+        moving, flow = random_deformation(label, params=self.params_of(epoch), generator=g)
         return {
             "moving": moving[0].clamp(0, 1),
             "fixed": fixed[0],
@@ -237,6 +240,14 @@ class MisalignedPairs(Dataset[dict[str, Tensor]]):
             "flow": flow[0],
             "index": torch.tensor(index),
         }
+
+    def params_of(self, epoch: int) -> DeformParams:
+        """The deformation of training epoch `epoch` (from 0): with ``ramp_epochs`` R > 0 the
+        amplitudes grow linearly, (epoch + 1) / R of `params` up to epoch R - 1 (a curriculum of
+        deformation size); validation items always get the full `params`."""
+        if not self.train or epoch + 1 >= self.ramp_epochs:
+            return self.params
+        return self.params.scaled_by((epoch + 1) / self.ramp_epochs)
 
     def materialise(self, indices: Sequence[int] | None = None) -> dict[str, Tensor]:
         """All (or the given) items stacked into batched tensors (for the small validation set)."""

@@ -28,7 +28,7 @@ moved), so the same seed gives the same field on every device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -88,6 +88,18 @@ class DeformParams:
                 f"({self.elastic_spacing_px / 4:g}) so the elastic field cannot fold; "
                 "raise elastic_spacing_px for larger elastic displacements"
             )
+
+    def scaled_by(self, factor: float) -> DeformParams:
+        """These amplitudes (rotation, shift, scale offset, elastic) times `factor` in [0, 1]."""
+        if not 0 <= factor <= 1:
+            raise ValueError(f"DeformParams.scaled_by takes a factor in [0, 1], got {factor!r}")
+        return replace(
+            self,
+            rotate_deg=self.rotate_deg * factor,
+            translate_px=self.translate_px * factor,
+            scale=self.scale * factor,
+            elastic_px=self.elastic_px * factor,
+        )
 
     @classmethod
     def training(cls) -> DeformParams:

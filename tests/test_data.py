@@ -140,6 +140,33 @@ def test_validation_items_are_fixed_and_not_augmented() -> None:
     )
 
 
+def test_curriculum_grows_the_training_deformation_and_leaves_validation_alone() -> None:
+    """ramp_epochs = 4: epoch e (from 0) draws the same field as amplitudes times (e + 1) / 4."""
+    params = DeformParams(rotate_deg=6, translate_px=8, scale=0.04, elastic_px=2)
+    ramped = data.MisalignedPairs(_pairset(size=64), params=params, seed=3, train=True, ramp_epochs=4)
+    plain = data.MisalignedPairs(_pairset(size=64), params=params, seed=3, train=True)
+    for epoch, factor in ((0, 0.25), (2, 0.75)):
+        quarter = data.MisalignedPairs(
+            _pairset(size=64), params=params.scaled_by(factor), seed=3, train=True
+        )
+        for index in range(4):
+            flow = ramped[(epoch, index)]["flow"]
+            torch.testing.assert_close(flow, quarter[(epoch, index)]["flow"], rtol=0, atol=0)
+            bound = params.scaled_by(factor).max_displacement_px(64, 64)
+            assert flow.norm(dim=0).max() <= bound + 0.05
+    sizes = [
+        ramped[(e, 1)]["flow"].norm(dim=0).mean() / plain[(e, 1)]["flow"].norm(dim=0).mean() for e in (0, 1)
+    ]
+    assert 0.1 < sizes[0] < 0.4 and 0.35 < sizes[1] < 0.65  # a quarter, then half of the same draw
+    for epoch in (3, 9):  # from epoch R - 1 on: the full deformation
+        assert torch.equal(ramped[(epoch, 2)]["flow"], plain[(epoch, 2)]["flow"])
+    val = data.MisalignedPairs(_pairset(size=64), params=params, seed=3, train=False, ramp_epochs=4)
+    full = data.MisalignedPairs(_pairset(size=64), params=params, seed=3, train=False)
+    assert torch.equal(val[(0, 2)]["flow"], full[(0, 2)]["flow"])
+    with pytest.raises(ValueError, match=r"factor in \[0, 1\], got 1.5"):
+        params.scaled_by(1.5)
+
+
 def test_ground_truth_flow_realigns_the_moving_image() -> None:
     """Planted answer: warp(moving, flow) gives back the aligned label (away from the border)."""
     ds = data.MisalignedPairs(

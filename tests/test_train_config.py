@@ -73,6 +73,7 @@ def test_the_flat_layout_of_earlier_runs_is_read() -> None:
         ({"recipe": {"deform": {"flip": True}}}, r"recipe.deform.flip True is not valid; .* recipe.augment.flip"),
         ({"recipe": {"model": "huge"}}, r"recipe.model \(--config\) 'huge' is not valid; use paper or small"),
         ({"recipe": {"epochs": 2.5}}, r"recipe.epochs must be an integer, got 2.5"),
+        ({"recipe": {"curriculum_epochs": -2}}, r"recipe.curriculum_epochs -2 is not valid; use 0 \(off\)"),
         ({"recipe": {"val_cases": "16"}}, r"recipe.val_cases must be a list, got '16'"),
         ({"run": {"workers": -1}}, r"run.workers \(--workers\) -1 is not valid"),
         ({"run": {"device": 0}}, r"run.device must be a string, got 0"),

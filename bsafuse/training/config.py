@@ -94,6 +94,9 @@ class Recipe:
     # Misalignment amplitudes for 256 px (scaled to image_size); flip and rot90 are `augment`'s.
     deform: DeformParams = field(default_factory=DeformParams)
     augment: Augmentation = field(default_factory=Augmentation)
+    # A curriculum of deformation size: the amplitudes grow linearly over the first N epochs,
+    # from 1/N of `deform` in the first to all of it in the N-th (data.MisalignedPairs); 0: off.
+    curriculum_epochs: int = 0
     seed: int = 0  # of the split, the deformations and the initial weights
     # Fine-tune from these weights (registry name or checkpoint path) with a fresh optimiser and
     # schedule; the network's structure comes from them, the working size from image_size.
@@ -133,6 +136,9 @@ class Recipe:
         clip = self.grad_clip
         clip_ok = clip is None or (math.isfinite(clip) and clip > 0)
         _check(clip_ok, "recipe.grad_clip", clip, "use a positive gradient norm")
+        curriculum_ok = isinstance(self.curriculum_epochs, int) and self.curriculum_epochs >= 0
+        ramp = self.curriculum_epochs
+        _check(curriculum_ok, "recipe.curriculum_epochs", ramp, "use 0 (off) or a number of epochs")
         _check(self.seed >= 0, "recipe.seed", self.seed, "use a seed >= 0")
         _check(0 <= self.val_fraction < 1, "recipe.val_fraction", self.val_fraction, "use a share in [0, 1)")
         for name in ("flip", "rot90"):

@@ -45,7 +45,13 @@ def load_run_data(config: TrainConfig, place: Placement, *, pin_memory: bool = F
     )
     pairs = data_mod.load_pairs(moving_dir, fixed_dir, names, image_size=recipe.image_size)
     params = data_mod.scaled_deform(recipe.training_deform, recipe.image_size)
-    train_set = data_mod.MisalignedPairs(pairs.subset(train_names), params=params, seed=recipe.seed, train=True)
+    train_set = data_mod.MisalignedPairs(
+        pairs.subset(train_names),
+        params=params,
+        seed=recipe.seed,
+        train=True,
+        ramp_epochs=recipe.curriculum_epochs,
+    )
     val_set = data_mod.MisalignedPairs(pairs.subset(val_names), params=params, seed=recipe.seed, train=False)
     local_batch = max(1, recipe.batch_size // place.world_size)
     sampler = data_mod.EpochSampler(
