@@ -138,6 +138,20 @@ def test_pointwise_conv_as_a_linear_map_keeps_nhwc_memory_and_gradients() -> Non
     assert max_error(grad, x.grad) <= 1e-5
 
 
+def test_gelu_over_pixel_rows_is_gelu_to_the_bit_in_both_directions() -> None:
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(2, 6, 5, 7) * 3).requires_grad_(True)
+    plain = x.detach().contiguous().requires_grad_(True)  # NCHW: the same kernel as a flat run
+    out = speed.gelu(x)
+    assert torch.equal(out, F.gelu(plain)) and out.is_contiguous(memory_format=torch.channels_last)
+    weights = channels_last(torch.randn(2, 6, 5, 7))  # an NHWC gradient from above, as in the network
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    (want,) = torch.autograd.grad((F.gelu(plain) * weights).sum(), plain)
+    assert torch.equal(grad, want) and grad.is_contiguous(memory_format=torch.channels_last)
+    nchw = torch.randn(1, 3, 4, 4)
+    assert torch.equal(speed.gelu(nchw), F.gelu(nchw))
+
+
 def test_channels_last_gradient_changes_only_the_gradients_layout() -> None:
     x = torch.randn(2, 3, 4, 5, requires_grad=True)
     y = speed.channels_last_gradient(x)

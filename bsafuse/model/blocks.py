@@ -10,7 +10,7 @@ from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
 from bsafuse.model.composed_conv import pointwise_then_spatial
-from bsafuse.model.speed import channel_attention, layer_norm_channels, pointwise
+from bsafuse.model.speed import channel_attention, gelu, layer_norm_channels, pointwise
 
 
 class LayerNorm2d(nn.Module):
@@ -65,7 +65,7 @@ class GatedFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = pointwise_then_spatial(x, self.expand, self.spatial, parts=2)
-        gate = F.gelu(a)
+        gate = gelu(a)
         # in place where no gradient is kept (mul_'s backward would need the overwritten GELU)
         return pointwise(gate.mul_(b) if not torch.is_grad_enabled() else gate * b, self.project)
 
