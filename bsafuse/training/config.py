@@ -136,9 +136,9 @@ class Recipe:
         clip = self.grad_clip
         clip_ok = clip is None or (math.isfinite(clip) and clip > 0)
         _check(clip_ok, "recipe.grad_clip", clip, "use a positive gradient norm")
-        curriculum_ok = isinstance(self.curriculum_epochs, int) and self.curriculum_epochs >= 0
         ramp = self.curriculum_epochs
-        _check(curriculum_ok, "recipe.curriculum_epochs", ramp, "use 0 (off) or a number of epochs")
+        ramp_ok = isinstance(ramp, int) and ramp >= 0
+        _check(ramp_ok, "recipe.curriculum_epochs", ramp, "use 0 (off) or a number of epochs")
         _check(self.seed >= 0, "recipe.seed", self.seed, "use a seed >= 0")
         _check(0 <= self.val_fraction < 1, "recipe.val_fraction", self.val_fraction, "use a share in [0, 1)")
         for name in ("flip", "rot90"):
