@@ -34,11 +34,13 @@ How a pair is handled (design.md §1 and §5):
   average (scaled from 256 px to the slice's size), it is not applied and the network registers
   the slice alone (`FuseResult.prealign_skipped`): that motion is inside what the network was
   trained on, while the mutual-information optimum of a PET or SPECT slice against its MRI lies a
-  few pixels from the anatomical alignment (design.md §5).
-- *Guard.* Where the network's flow leaves a slice less similar to the fixed one than the
-  pre-alignment alone (normalised mutual information, which works across modalities), the
-  network's registration is dropped for that slice: the pre-alignment is kept and the network
-  fuses the pre-aligned pair (`FuseResult.fallback_slices`, a logged warning).
+  few pixels from the anatomical alignment (design.md §5). So is a move under TRAINED_MOTION_PX
+  where the network alone, run on the unregistered pair, finds under STILL_PX of motion.
+- *Guard.* No registration step may leave a slice less similar to the fixed one than it was
+  (normalised mutual information, which works across modalities). A pre-alignment that does is
+  not applied (`FuseResult.prealign_skipped`); where the network's flow does, the network's
+  registration is dropped for that slice: the pre-alignment is kept and the network fuses the
+  pre-aligned pair (`FuseResult.fallback_slices`, a logged warning).
 
 The library never prints; progress goes to an optional callback, messages to `logging`.
 """
@@ -60,6 +62,8 @@ from bsafuse.choices import (
     NEAR_ALIGNED_PX,
     PREALIGN_KINDS,
     REFERENCE_SIZE,
+    STILL_PX,
+    TRAINED_MOTION_PX,
     Prealign,
     Precision,
 )
@@ -94,6 +98,7 @@ def fuse(
     guard: bool = True,
     ignore_geometry: bool = False,
     near_aligned_px: float = NEAR_ALIGNED_PX,
+    trained_motion_px: float = TRAINED_MOTION_PX,
 ) -> FuseResult:
     """Register `moving` onto `fixed` and fuse them with `model`, in the fixed image's grid.
 
@@ -103,7 +108,10 @@ def fuse(
     a slice whose pair the network's flow leaves less similar (normalised mutual information)
     than the pre-alignment alone keeps the pre-alignment (`FuseResult.fallback_slices`, and a
     logged warning). A slice that the pre-alignment would move less than `near_aligned_px` (at
-    256 px; 0 turns this off) is registered by the network alone (`FuseResult.prealign_skipped`).
+    256 px; 0 turns this off) is registered by the network alone (`FuseResult.prealign_skipped`),
+    and so is one it would move less than `trained_motion_px` where the network alone finds under
+    STILL_PX of motion in the unregistered pair (0 turns this off); with `guard`, so is one the
+    pre-alignment would leave less similar than it was.
     `ignore_geometry` centres the moving image on the fixed one instead of placing
     both by their headers (pairs without a shared frame of reference). Volume slices go through the
     network `batch_size` at a time. See the module docstring.
@@ -132,6 +140,7 @@ def fuse(
                 precision=precision,
                 guard=guard,
                 near_aligned_px=near_aligned_px,
+                trained_motion_px=trained_motion_px,
             )
         )
         if progress is not None:
@@ -143,11 +152,10 @@ def fuse(
     prealign_skipped = tuple(int(i) for i in np.flatnonzero(skipped))
     if prealign_skipped:
         log.info(
-            "%s pre-alignment moved %d of %d slices by under %g px; not applied",
+            "%s pre-alignment not applied to %d of %d slices: nearly aligned, or less similar after it",
             kind,
             len(prealign_skipped),
             total,
-            near_aligned_px,
         )
     if fallback:
         where = "" if not is_volume else f" in {len(fallback)} of {total} slices"
@@ -186,6 +194,7 @@ def _fuse_slices(
     precision: Precision,
     guard: bool,
     near_aligned_px: float,
+    trained_motion_px: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One batch of same-sized slices -> fused, warped, flow (N, 2, H, W), valid, dropped, skipped (N,)."""
     from bsafuse.io.color import ycbcr_to_rgb
@@ -198,14 +207,16 @@ def _fuse_slices(
     pre = _prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
     skipped = torch.zeros(len(mov), dtype=torch.bool)
     if pre is not None:
-        skipped = pre.norm(dim=1).mean(dim=(1, 2)) < near_aligned_px * max(fixed.shape[-2:]) / REFERENCE_SIZE
+        skipped = _nearly_aligned(pre, mov, fix, model, precision, near_aligned_px, trained_motion_px)
+        if guard:  # nor may the pre-alignment leave a pair less similar than it was (design.md §5)
+            skipped |= _less_similar(mov, warp(mov, pre.to(device)), fix).cpu()
         pre[skipped] = 0.0
     base = pre.to(device) if pre is not None else torch.zeros_like(fix).expand(-1, 2, -1, -1)
     mov_in = warp(mov, base) if pre is not None else mov
     fused_t, net_flow = _network(model, mov_in, fix, precision)
     flow = compose_flows(base, net_flow) if pre is not None else net_flow  # total, pixels
     # The network must never leave a pair less similar than the pre-alignment did (design.md §5).
-    dropped = _network_worse(mov, mov_in, fix, flow) if guard else torch.zeros(len(mov), dtype=torch.bool)
+    dropped = _less_similar(mov_in, warp(mov, flow), fix) if guard else torch.zeros(len(mov), dtype=torch.bool)
     if dropped.any():
         with identity_registration(model):
             fused_base, _ = _network(model, mov_in[dropped], fix[dropped], precision)
@@ -231,14 +242,35 @@ def _fuse_slices(
     )
 
 
-def _network_worse(moving: Tensor, prealigned: Tensor, fixed: Tensor, flow: Tensor) -> Tensor:
-    """(N,) bool: slices whose pair is less similar warped by `flow` than `prealigned` is (NMI)."""
+def _nearly_aligned(
+    pre: Tensor, moving: Tensor, fixed: Tensor, model: BSAFusion, precision: Precision,
+    near_px: float, trained_px: float,
+) -> Tensor:  # fmt: skip
+    """(N,) bool: slices the pre-alignment flow `pre` should not be applied to (design.md §5).
+
+    Those it would move by under `near_px` on average, and those it would move by under
+    `trained_px` (motion the network was trained to correct) where the network alone, run on the
+    unregistered pair, finds under STILL_PX: there a functional slice's mutual-information optimum
+    is more often off than the pair is misaligned. Thresholds are px at REFERENCE_SIZE.
+    """
+    per_px = max(fixed.shape[-2:]) / REFERENCE_SIZE
+    moved = pre.norm(dim=1).mean(dim=(1, 2))
+    skipped = moved < near_px * per_px
+    ask = ~skipped & (moved < trained_px * per_px)
+    if ask.any():
+        where = ask.to(moving.device)
+        _, alone = _network(model, moving[where], fixed[where], precision)
+        skipped[ask] = alone.norm(dim=1).mean(dim=(1, 2)).cpu() < STILL_PX * per_px
+    return skipped
+
+
+def _less_similar(before: Tensor, after: Tensor, fixed: Tensor) -> Tensor:
+    """(N,) bool: slices whose moving image `after` a registration step is less similar to the fixed
+    one than `before` it (normalised mutual information, which works across modalities)."""
     from bsafuse.metrics import normalised_mutual_information as nmi
 
-    with_net, with_base = _np(warp(moving, flow))[:, 0], _np(prealigned)[:, 0]
-    fix = _np(fixed)[:, 0]
-    worse = [nmi(a, f) < nmi(b, f) for a, b, f in zip(with_net, with_base, fix, strict=True)]
-    return torch.tensor(worse, dtype=torch.bool, device=moving.device)
+    pairs = zip(_np(after)[:, 0], _np(before)[:, 0], _np(fixed)[:, 0], strict=True)
+    return torch.tensor([nmi(a, f) < nmi(b, f) for a, b, f in pairs], dtype=torch.bool, device=before.device)
 
 
 def _network(model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precision) -> tuple[Tensor, Tensor]:

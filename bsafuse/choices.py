@@ -20,3 +20,9 @@ REFERENCE_SIZE = 256  # px: the image size that pixel amplitudes and thresholds 
 # less than this on average is not applied; the network registers it alone. Chosen on 12 deformed
 # training pairs per type (design.md §5).
 NEAR_ALIGNED_PX = 5.0
+# px at REFERENCE_SIZE: a pre-alignment move under TRAINED_MOTION_PX is motion the v2 networks were
+# trained to correct (the `residual` deformation moves a pixel 3.8-7.5 px on average, 10th-90th
+# percentile); there, where the network alone finds under STILL_PX of motion in the unregistered
+# pair, the pre-alignment is not applied either. Chosen on deformed pairs, 2026-12-07 (design.md §5).
+TRAINED_MOTION_PX = 8.0
+STILL_PX = 2.0

@@ -37,8 +37,8 @@ class FuseResult:
     # Slices where the network's flow made the pair less similar (normalised mutual information)
     # than the pre-alignment alone, and was dropped: the pre-alignment is kept there (design.md §5).
     fallback_slices: tuple[int, ...] = ()
-    # Slices that the pre-alignment would have moved by less than choices.NEAR_ALIGNED_PX: the network
-    # registered them alone (design.md §5).
+    # Slices the pre-alignment was not applied to (nearly aligned: api.fuse's near_aligned_px and
+    # trained_motion_px; or left less similar by it): the network registered them alone (design.md §5).
     prealign_skipped: tuple[int, ...] = ()
 
     @property
@@ -65,7 +65,7 @@ class PairOutcome:
     # Slices (0 for a 2-D pair) where the network's flow was dropped because it left the pair
     # less similar than the pre-alignment alone (FuseResult.fallback_slices).
     fallback_slices: list[int] = field(default_factory=list)
-    # Slices registered by the network alone because the pre-alignment hardly moved them
+    # Slices registered by the network alone, the pre-alignment not applied to them
     # (FuseResult.prealign_skipped).
     prealign_skipped_slices: list[int] = field(default_factory=list)
 

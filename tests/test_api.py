@@ -94,11 +94,42 @@ def test_a_pre_alignment_that_hardly_moves_the_pair_is_not_applied() -> None:
     near = fuse(phantom(128, 128, shift=1.5), phantom(128, 128), PlantedModel((0.0, 0.0), 128), guard=False)
     assert near.prealign_skipped == (0,) and float(np.abs(near.flow).max()) == 0.0
     applied = fuse(
-        phantom(128, 128, shift=1.5), phantom(128, 128), PlantedModel((0.0, 0.0), 128), guard=False, near_aligned_px=0
+        phantom(128, 128, shift=1.5), phantom(128, 128), PlantedModel((0.0, 0.0), 128), guard=False, near_aligned_px=0,
+        trained_motion_px=0,
     )
     assert applied.prealign_skipped == () and float(applied.flow[0].mean()) == pytest.approx(1.5, abs=0.3)
     far = fuse(phantom(128, 128, shift=8), phantom(128, 128), PlantedModel((0.0, 0.0), 128), guard=False)
     assert far.prealign_skipped == () and float(far.flow[0].mean()) == pytest.approx(8.0, abs=0.5)
+
+
+def test_inside_the_trained_motion_the_network_alone_decides_whether_to_pre_align() -> None:
+    # 128 px: NEAR_ALIGNED_PX 2.5 px, TRAINED_MOTION_PX 4 px, STILL_PX 1 px; a 3 px shift is between.
+    moving, fixed = phantom(128, 128, shift=3), phantom(128, 128)
+    still = PlantedModel((0.0, 0.0), 128)  # the network alone finds no motion: rigid is not applied
+    kept = fuse(moving, fixed, still, guard=False)
+    assert kept.prealign_skipped == (0,) and float(np.abs(kept.flow).max()) == 0.0
+    assert len(still.inputs) == 2  # asked alone once, then registered and fused
+    seeing = PlantedModel((3.0, 0.0), 128)  # it finds 3 px: rigid is applied, the network adds its 3 px
+    applied = fuse(moving, fixed, seeing, guard=False)
+    assert applied.prealign_skipped == () and float(applied.flow[0].mean()) == pytest.approx(6.0, abs=0.5)
+    unasked = PlantedModel((0.0, 0.0), 128)
+    off = fuse(moving, fixed, unasked, guard=False, trained_motion_px=0)
+    assert off.prealign_skipped == () and float(off.flow[0].mean()) == pytest.approx(3.0, abs=0.3)
+    assert len(unasked.inputs) == 1
+
+
+def test_guard_declines_a_pre_alignment_that_leaves_the_pair_less_similar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # an aligned pair and a pre-alignment gone wrong (12 px off, far beyond the nearly-aligned rules)
+    wrong = torch.zeros(1, 2, 128, 128)
+    wrong[:, 0] = 12.0
+    monkeypatch.setattr("bsafuse.api._prealign_flows", lambda *args: wrong.clone())
+    aligned = phantom(128, 128)
+    declined = fuse(aligned, aligned, PlantedModel((0.0, 0.0), 128))
+    assert declined.prealign_skipped == (0,) and float(np.abs(declined.flow).max()) == 0.0
+    unguarded = fuse(aligned, aligned, PlantedModel((0.0, 0.0), 128), guard=False)
+    assert unguarded.prealign_skipped == () and float(unguarded.flow[0].mean()) == pytest.approx(12.0)
 
 
 def test_grey_pair_shapes_and_ranges(tiny_model: nn.Module) -> None:

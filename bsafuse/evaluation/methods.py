@@ -7,7 +7,7 @@ fusion stage with its own registration switched off (:func:`identity_registratio
 alignment module's flow is replaced by zeros, so MMFF fuses the pair as given):
 
 - ``bsafuse``: the default pipeline on the deformed pair: SimpleITK rigid pre-alignment (skipped
-  where it would move the pair under choices.NEAR_ALIGNED_PX), then
+  where the pair is nearly aligned: api.fuse's near_aligned_px and trained_motion_px), then
   the network registers what remains and fuses (api.fuse with its default ``prealign``).
 - ``network``: the network alone on the deformed pair (``--prealign none``).
 - ``rigid``: the rigid pre-alignment alone (applied even where it hardly moves the pair), then the
@@ -111,12 +111,13 @@ class MethodRunner:
         near: bool = True,
     ) -> Any:
         from bsafuse.api import fuse
-        from bsafuse.choices import NEAR_ALIGNED_PX
+        from bsafuse.choices import NEAR_ALIGNED_PX, TRAINED_MOTION_PX
 
         if self.model is None:
             raise BsafuseError("this method needs the network; load a model (--weights)")
         options: dict[str, Any] = {"precision": self.precision, "prealign": prealign}
         options["near_aligned_px"] = NEAR_ALIGNED_PX if near else 0.0
+        options["trained_motion_px"] = TRAINED_MOTION_PX if near else 0.0
         if register:
             return fuse(moving, fixed, self.model, **options)
         with identity_registration(self.model):
