@@ -10,8 +10,8 @@ alignment module's flow is replaced by zeros, so MMFF fuses the pair as given):
   where the pair is nearly aligned: api.fuse's near_aligned_px and trained_motion_px), then
   the network registers what remains and fuses (api.fuse with its default ``prealign``).
 - ``network``: the network alone on the deformed pair (``--prealign none``).
-- ``rigid``: the rigid pre-alignment alone (applied even where it hardly moves the pair), then the
-  network's fusion of the pre-warped pair.
+- ``rigid``: the rigid pre-alignment alone (applied even where the pipeline would leave it out),
+  then the network's fusion of the pre-warped pair.
 - ``none``: no registration: the network's fusion of the unaligned pair, flow 0.
 - ``simpleitk``: SimpleITK (Mattes mutual information, affine then B-spline,
   ``prealign.register_classical(kind="bspline")``), then the network's fusion of the pre-warped
@@ -108,16 +108,15 @@ class MethodRunner:
         *,
         register: bool,
         prealign: str = "none",
-        near: bool = True,
+        always_prealign: bool = False,
     ) -> Any:
         from bsafuse.api import fuse
-        from bsafuse.choices import NEAR_ALIGNED_PX, TRAINED_MOTION_PX
 
         if self.model is None:
             raise BsafuseError("this method needs the network; load a model (--weights)")
         options: dict[str, Any] = {"precision": self.precision, "prealign": prealign}
-        options["near_aligned_px"] = NEAR_ALIGNED_PX if near else 0.0
-        options["trained_motion_px"] = TRAINED_MOTION_PX if near else 0.0
+        if always_prealign:  # whatever the pipeline's nearly-aligned rules and guard would decide
+            options.update(near_aligned_px=0.0, trained_motion_px=0.0, guard=False)
         if register:
             return fuse(moving, fixed, self.model, **options)
         with identity_registration(self.model):
@@ -141,7 +140,7 @@ class MethodRunner:
         return result.fused, result.flow, result.warped
 
     def _rigid(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        result = self._fuse(case.moving, case.fixed, register=False, prealign="rigid", near=False)
+        result = self._fuse(case.moving, case.fixed, register=False, prealign="rigid", always_prealign=True)
         return result.fused, result.flow, result.warped
 
     def _none(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
