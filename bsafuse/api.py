@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -206,14 +206,15 @@ def _fuse_slices(
     fix = torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
     pre = _prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
     skipped = torch.zeros(len(mov), dtype=torch.bool)
+    alone: _Alone | None = None
     if pre is not None:
-        skipped = _nearly_aligned(pre, mov, fix, model, precision, near_aligned_px, trained_motion_px)
+        skipped, alone = _nearly_aligned(pre, mov, fix, model, precision, near_aligned_px, trained_motion_px)
         if guard:  # nor may the pre-alignment leave a pair less similar than it was (design.md §5)
             skipped |= _less_similar(mov, warp(mov, pre.to(device)), fix).cpu()
         pre[skipped] = 0.0
     base = pre.to(device) if pre is not None else torch.zeros_like(fix).expand(-1, 2, -1, -1)
     mov_in = warp(mov, base) if pre is not None else mov
-    fused_t, net_flow = _network(model, mov_in, fix, precision)
+    fused_t, net_flow = _network_reusing(model, mov_in, fix, precision, alone, skipped)
     flow = compose_flows(base, net_flow) if pre is not None else net_flow  # total, pixels
     # The network must never leave a pair less similar than the pre-alignment did (design.md §5).
     dropped = _less_similar(mov_in, warp(mov, flow), fix) if guard else torch.zeros(len(mov), dtype=torch.bool)
@@ -242,26 +243,54 @@ def _fuse_slices(
     )
 
 
+class _Alone(NamedTuple):
+    """The network's outputs on the unregistered slices `asked` (N,) bool: fused (N, 1, H, W) and
+    flow (N, 2, H, W), zeros on the other slices."""
+
+    asked: Tensor
+    fused: Tensor
+    flow: Tensor
+
+
 def _nearly_aligned(
     pre: Tensor, moving: Tensor, fixed: Tensor, model: BSAFusion, precision: Precision,
     near_px: float, trained_px: float,
-) -> Tensor:  # fmt: skip
+) -> tuple[Tensor, _Alone | None]:  # fmt: skip
     """(N,) bool: slices the pre-alignment flow `pre` should not be applied to (design.md §5).
 
     Those it would move by under `near_px` on average, and those it would move by under
     `trained_px` (motion the network was trained to correct) where the network alone, run on the
     unregistered pair, finds under STILL_PX: there a functional slice's mutual-information optimum
     is more often off than the pair is misaligned. Thresholds are px at REFERENCE_SIZE.
+    Also returns what the network gave on the slices it was asked about (None if none), for
+    `_network_reusing`.
     """
     per_px = max(fixed.shape[-2:]) / REFERENCE_SIZE
     moved = pre.norm(dim=1).mean(dim=(1, 2))
     skipped = moved < near_px * per_px
     ask = ~skipped & (moved < trained_px * per_px)
-    if ask.any():
-        where = ask.to(moving.device)
-        _, alone = _network(model, moving[where], fixed[where], precision)
-        skipped[ask] = alone.norm(dim=1).mean(dim=(1, 2)).cpu() < STILL_PX * per_px
-    return skipped
+    if not ask.any():
+        return skipped, None
+    where = ask.to(moving.device)
+    fused, flow = _network(model, moving[where], fixed[where], precision)
+    skipped[ask] = flow.norm(dim=1).mean(dim=(1, 2)).cpu() < STILL_PX * per_px
+    alone = _Alone(ask, fused.new_zeros((len(moving), *fused.shape[1:])), flow.new_zeros(pre.shape))
+    alone.fused[where], alone.flow[where] = fused, flow
+    return skipped, alone
+
+
+def _network_reusing(
+    model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precision, alone: _Alone | None, unmoved: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`_network` on every slice, except where `alone` holds its outputs for a slice that stayed
+    `unmoved` (no pre-alignment applied: the same input); those are taken as they are."""
+    if alone is None or not (known := alone.asked & unmoved).any():
+        return _network(model, moving, fixed, precision)
+    fused, flow = alone.fused, alone.flow
+    rest = (~known).to(moving.device)
+    if rest.any():
+        fused[rest], flow[rest] = _network(model, moving[rest], fixed[rest], precision)
+    return fused, flow
 
 
 def _less_similar(before: Tensor, after: Tensor, fixed: Tensor) -> Tensor:

@@ -108,14 +108,27 @@ def test_inside_the_trained_motion_the_network_alone_decides_whether_to_pre_alig
     still = PlantedModel((0.0, 0.0), 128)  # the network alone finds no motion: rigid is not applied
     kept = fuse(moving, fixed, still, guard=False)
     assert kept.prealign_skipped == (0,) and float(np.abs(kept.flow).max()) == 0.0
-    assert len(still.inputs) == 2  # asked alone once, then registered and fused
+    assert len(still.inputs) == 1  # its answer alone is the registration and fusion: not run again
     seeing = PlantedModel((3.0, 0.0), 128)  # it finds 3 px: rigid is applied, the network adds its 3 px
     applied = fuse(moving, fixed, seeing, guard=False)
     assert applied.prealign_skipped == () and float(applied.flow[0].mean()) == pytest.approx(6.0, abs=0.5)
+    assert len(seeing.inputs) == 2  # asked alone, then run again on the pre-aligned pair
     unasked = PlantedModel((0.0, 0.0), 128)
     off = fuse(moving, fixed, unasked, guard=False, trained_motion_px=0)
     assert off.prealign_skipped == () and float(off.flow[0].mean()) == pytest.approx(3.0, abs=0.3)
     assert len(unasked.inputs) == 1
+
+
+def test_a_volume_mixes_slices_the_network_registers_alone_and_pre_aligned_ones() -> None:
+    # slice 0 is 3 px off (inside the trained motion, and the network sees none), slice 1 is 8 px off
+    moving = np.stack([phantom(128, 128, shift=3), phantom(128, 128, shift=8)])
+    fixed = np.stack([phantom(128, 128)] * 2)
+    still = PlantedModel((0.0, 0.0), 128)
+    result = fuse(moving, fixed, still, guard=False)
+    assert result.prealign_skipped == (0,)
+    assert float(np.abs(result.flow[0]).max()) == 0.0
+    assert float(result.flow[1, 0].mean()) == pytest.approx(8.0, abs=0.5)
+    assert still.inputs == [(1, 1, 128, 128), (1, 1, 128, 128)]  # slice 0 alone, then slice 1 only
 
 
 def test_guard_declines_a_pre_alignment_that_leaves_the_pair_less_similar(
