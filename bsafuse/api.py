@@ -50,30 +50,35 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from bsafuse._pair import ImageLike, pair_in_fixed_grid
 from bsafuse.choices import (
     DEFAULT_PREALIGN,
     NEAR_ALIGNED_PX,
     PREALIGN_KINDS,
-    REFERENCE_SIZE,
-    STILL_PX,
     TRAINED_MOTION_PX,
     Prealign,
     Precision,
 )
-from bsafuse.device import autocast_for
 from bsafuse.errors import InputError
 from bsafuse.io import MedicalImage
 from bsafuse.loading import load_model
+from bsafuse.registration_steps import (
+    Alone,
+    as_numpy,
+    less_similar,
+    nearly_aligned,
+    network_pass,
+    network_reusing,
+    prealign_flows,
+)
 from bsafuse.results import FuseResult
 from bsafuse.warp import compose_flows, warp
-from bsafuse.working_size import keep_fixed_outside, placement, split_luma
+from bsafuse.working_size import keep_fixed_outside, split_luma
 
 if TYPE_CHECKING:
     from bsafuse.model import BSAFusion
@@ -204,23 +209,23 @@ def _fuse_slices(
     device = next(model.parameters()).device
     mov = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
     fix = torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
-    pre = _prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
+    pre = prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
     skipped = torch.zeros(len(mov), dtype=torch.bool)
-    alone: _Alone | None = None
+    alone: Alone | None = None
     if pre is not None:
-        skipped, alone = _nearly_aligned(pre, mov, fix, model, precision, near_aligned_px, trained_motion_px)
+        skipped, alone = nearly_aligned(pre, mov, fix, model, precision, near_aligned_px, trained_motion_px)
         if guard:  # nor may the pre-alignment leave a pair less similar than it was (design.md §5)
-            skipped |= _less_similar(mov, warp(mov, pre.to(device)), fix).cpu()
+            skipped |= less_similar(mov, warp(mov, pre.to(device)), fix).cpu()
         pre[skipped] = 0.0
     base = pre.to(device) if pre is not None else torch.zeros_like(fix).expand(-1, 2, -1, -1)
     mov_in = warp(mov, base) if pre is not None else mov
-    fused_t, net_flow = _network_reusing(model, mov_in, fix, precision, alone, skipped)
+    fused_t, net_flow = network_reusing(model, mov_in, fix, precision, alone, skipped)
     flow = compose_flows(base, net_flow) if pre is not None else net_flow  # total, pixels
     # The network must never leave a pair less similar than the pre-alignment did (design.md §5).
-    dropped = _less_similar(mov_in, warp(mov, flow), fix) if guard else torch.zeros(len(mov), dtype=torch.bool)
+    dropped = less_similar(mov_in, warp(mov, flow), fix) if guard else torch.zeros(len(mov), dtype=torch.bool)
     if dropped.any():
         with identity_registration(model):
-            fused_base, _ = _network(model, mov_in[dropped], fix[dropped], precision)
+            fused_base, _ = network_pass(model, mov_in[dropped], fix[dropped], precision)
         fused_t, flow = fused_t.clone(), flow.clone()
         fused_t[dropped], flow[dropped] = fused_base, base[dropped]
     fused_t, valid = keep_fixed_outside(fused_t, fix, flow)
@@ -228,116 +233,19 @@ def _fuse_slices(
         rgb = torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32)).permute(0, 3, 1, 2).to(device)
         chroma = torch.from_numpy(np.ascontiguousarray(ycc[..., 1:], dtype=np.float32)).permute(0, 3, 1, 2)
         chroma = warp(chroma.to(device) - 0.5, flow) + 0.5  # neutral grey where there is no moving data
-        warped = _np(warp(rgb, flow)).transpose(0, 2, 3, 1)
-        fused = ycbcr_to_rgb(np.concatenate([_np(fused_t), _np(chroma)], axis=1).transpose(0, 2, 3, 1))
+        warped = as_numpy(warp(rgb, flow)).transpose(0, 2, 3, 1)
+        fused = ycbcr_to_rgb(np.concatenate([as_numpy(fused_t), as_numpy(chroma)], axis=1).transpose(0, 2, 3, 1))
     else:
-        warped = _np(warp(mov, flow))[:, 0]
-        fused = _np(fused_t)[:, 0]
+        warped = as_numpy(warp(mov, flow))[:, 0]
+        fused = as_numpy(fused_t)[:, 0]
     return (
         np.clip(fused, 0, 1).astype(np.float32),
         np.clip(warped, 0, 1).astype(np.float32),
-        _np(flow),
-        _np(valid)[:, 0],
-        _np(dropped),
-        _np(skipped),
+        as_numpy(flow),
+        as_numpy(valid)[:, 0],
+        as_numpy(dropped),
+        as_numpy(skipped),
     )
-
-
-class _Alone(NamedTuple):
-    """The network's outputs on the unregistered slices `asked` (N,) bool: fused (N, 1, H, W) and
-    flow (N, 2, H, W), zeros on the other slices."""
-
-    asked: Tensor
-    fused: Tensor
-    flow: Tensor
-
-
-def _nearly_aligned(
-    pre: Tensor, moving: Tensor, fixed: Tensor, model: BSAFusion, precision: Precision,
-    near_px: float, trained_px: float,
-) -> tuple[Tensor, _Alone | None]:  # fmt: skip
-    """(N,) bool: slices the pre-alignment flow `pre` should not be applied to (design.md §5).
-
-    Those it would move by under `near_px` on average, and those it would move by under
-    `trained_px` (motion the network was trained to correct) where the network alone, run on the
-    unregistered pair, finds under STILL_PX: there a functional slice's mutual-information optimum
-    is more often off than the pair is misaligned. Thresholds are px at REFERENCE_SIZE.
-    Also returns what the network gave on the slices it was asked about (None if none), for
-    `_network_reusing`.
-    """
-    per_px = max(fixed.shape[-2:]) / REFERENCE_SIZE
-    moved = pre.norm(dim=1).mean(dim=(1, 2))
-    skipped = moved < near_px * per_px
-    ask = ~skipped & (moved < trained_px * per_px)
-    if not ask.any():
-        return skipped, None
-    where = ask.to(moving.device)
-    fused, flow = _network(model, moving[where], fixed[where], precision)
-    skipped[ask] = flow.norm(dim=1).mean(dim=(1, 2)).cpu() < STILL_PX * per_px
-    alone = _Alone(ask, fused.new_zeros((len(moving), *fused.shape[1:])), flow.new_zeros(pre.shape))
-    alone.fused[where], alone.flow[where] = fused, flow
-    return skipped, alone
-
-
-def _network_reusing(
-    model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precision, alone: _Alone | None, unmoved: Tensor
-) -> tuple[Tensor, Tensor]:
-    """`_network` on every slice, except where `alone` holds its outputs for a slice that stayed
-    `unmoved` (no pre-alignment applied: the same input); those are taken as they are."""
-    if alone is None or not (known := alone.asked & unmoved).any():
-        return _network(model, moving, fixed, precision)
-    fused, flow = alone.fused, alone.flow
-    rest = (~known).to(moving.device)
-    if rest.any():
-        fused[rest], flow[rest] = _network(model, moving[rest], fixed[rest], precision)
-    return fused, flow
-
-
-def _less_similar(before: Tensor, after: Tensor, fixed: Tensor) -> Tensor:
-    """(N,) bool: slices whose moving image `after` a registration step is less similar to the fixed
-    one than `before` it (normalised mutual information, which works across modalities)."""
-    from bsafuse.metrics import normalised_mutual_information as nmi
-
-    pairs = zip(_np(after)[:, 0], _np(before)[:, 0], _np(fixed)[:, 0], strict=True)
-    return torch.tensor([nmi(a, f) < nmi(b, f) for a, b, f in pairs], dtype=torch.bool, device=before.device)
-
-
-def _network(model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precision) -> tuple[Tensor, Tensor]:
-    """Run the model at its working size (bsafuse.working_size) and map its outputs back.
-
-    Shapes: (N, 1, H, W) each -> fused (N, 1, H, W), flow (N, 2, H, W) in output pixels.
-    """
-    height, width = moving.shape[-2:]
-    place = placement(height, width, model.config.image_size)
-    with torch.inference_mode(), autocast_for(moving.device, precision):
-        out = model(place.to_working(moving), place.to_working(fixed), transfer_scores=False)
-    return place.image_back(out.fused.float()).clamp(0, 1), place.flow_back(out.flow)
-
-
-def _prealign_flows(moving: np.ndarray, fixed: np.ndarray, kind: str) -> Tensor | None:
-    """Classical (SimpleITK) registration of each moving slice to its fixed slice, or None."""
-    if kind == "none":
-        return None
-    from bsafuse.prealign import register_classical
-
-    flows = []
-    for k, (m, f) in enumerate(zip(moving, fixed, strict=True)):
-        if float(m.std()) < 1e-6 or float(f.std()) < 1e-6:  # an empty slice has nothing to align
-            flows.append(np.zeros((2, *f.shape), np.float32))
-            continue
-        try:
-            flows.append(register_classical(m, f, kind=kind))  # type: ignore[arg-type]
-        except InputError as exc:
-            if len(moving) == 1:
-                raise
-            # One slice of a volume (often a nearly empty end slice) need not stop the others.
-            log.warning("slice %d: %s pre-alignment skipped (%s)", k, kind, exc)
-            flows.append(np.zeros((2, *f.shape), np.float32))
-    return torch.from_numpy(np.stack(flows).astype(np.float32))
-
-
-def _np(x: Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy()
 
 
 __all__: Sequence[str] = ["FuseResult", "fuse", "load_model"]

@@ -137,7 +137,7 @@ def test_guard_declines_a_pre_alignment_that_leaves_the_pair_less_similar(
     # an aligned pair and a pre-alignment gone wrong (12 px off, far beyond the nearly-aligned rules)
     wrong = torch.zeros(1, 2, 128, 128)
     wrong[:, 0] = 12.0
-    monkeypatch.setattr("bsafuse.api._prealign_flows", lambda *args: wrong.clone())
+    monkeypatch.setattr("bsafuse.api.prealign_flows", lambda *args: wrong.clone())
     aligned = phantom(128, 128)
     declined = fuse(aligned, aligned, PlantedModel((0.0, 0.0), 128))
     assert declined.prealign_skipped == (0,) and float(np.abs(declined.flow).max()) == 0.0

@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from bsafuse import load_model
-    from bsafuse.api import _network
     from bsafuse.deform import DeformParams
     from bsafuse.evaluation.cases import find_sources, load_case
     from bsafuse.evaluation.scoring import registration_scores
     from bsafuse.metrics import normalised_mutual_information as nmi
     from bsafuse.prealign import register_classical
+    from bsafuse.registration_steps import network_pass
     from bsafuse.warp import compose_flows, warp
 
     torch.set_num_threads(1)
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         case = load_case(source, seed=args.seed, params=params)
         moving, fixed = image(case.moving), image(case.fixed)
         rigid = torch.from_numpy(register_classical(case.moving, case.fixed, kind="rigid"))[None]
-        _, alone = _network(model, moving, fixed, "fp32")
-        _, after_rigid = _network(model, warp(moving, rigid), fixed, "fp32")
+        _, alone = network_pass(model, moving, fixed, "fp32")
+        _, after_rigid = network_pass(model, warp(moving, rigid), fixed, "fp32")
         flows = {"none": torch.zeros_like(alone), "net": alone, "rigid": rigid,
                  "rn": compose_flows(rigid, after_rigid)}  # fmt: skip
         row = {

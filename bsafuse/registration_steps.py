@@ -1,0 +1,126 @@
+"""The registration steps of `api.fuse` and their judges (design.md §5).
+
+The classical pre-alignment of each slice (`prealign_flows`), the rules that leave it out for a
+nearly aligned slice (`nearly_aligned`), the network's pass at its working size (`network_pass`,
+`network_reusing`), and the one similarity judge of both steps (`less_similar`: normalised mutual
+information, which works across modalities). Shapes are (N, C, H, W) batches of slices.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bsafuse.choices import REFERENCE_SIZE, STILL_PX, Precision
+from bsafuse.device import autocast_for
+from bsafuse.errors import InputError
+from bsafuse.working_size import placement
+
+if TYPE_CHECKING:
+    from bsafuse.model import BSAFusion
+
+log = logging.getLogger(__name__)
+
+
+class Alone(NamedTuple):
+    """The network's outputs on the unregistered slices `asked` (N,) bool: fused (N, 1, H, W) and
+    flow (N, 2, H, W), zeros on the other slices."""
+
+    asked: Tensor
+    fused: Tensor
+    flow: Tensor
+
+
+def nearly_aligned(
+    pre: Tensor, moving: Tensor, fixed: Tensor, model: BSAFusion, precision: Precision,
+    near_px: float, trained_px: float,
+) -> tuple[Tensor, Alone | None]:  # fmt: skip
+    """(N,) bool: slices the pre-alignment flow `pre` should not be applied to (design.md §5).
+
+    Those it would move by under `near_px` on average, and those it would move by under
+    `trained_px` (motion the network was trained to correct) where the network alone, run on the
+    unregistered pair, finds under STILL_PX: there a functional slice's mutual-information optimum
+    is more often off than the pair is misaligned. Thresholds are px at REFERENCE_SIZE.
+    Also returns what the network gave on the slices it was asked about (None if none), for
+    `network_reusing`.
+    """
+    per_px = max(fixed.shape[-2:]) / REFERENCE_SIZE
+    moved = pre.norm(dim=1).mean(dim=(1, 2))
+    skipped = moved < near_px * per_px
+    ask = ~skipped & (moved < trained_px * per_px)
+    if not ask.any():
+        return skipped, None
+    where = ask.to(moving.device)
+    fused, flow = network_pass(model, moving[where], fixed[where], precision)
+    skipped[ask] = flow.norm(dim=1).mean(dim=(1, 2)).cpu() < STILL_PX * per_px
+    alone = Alone(ask, fused.new_zeros((len(moving), *fused.shape[1:])), flow.new_zeros(pre.shape))
+    alone.fused[where], alone.flow[where] = fused, flow
+    return skipped, alone
+
+
+def network_reusing(
+    model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precision, alone: Alone | None, unmoved: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`_network` on every slice, except where `alone` holds its outputs for a slice that stayed
+    `unmoved` (no pre-alignment applied: the same input); those are taken as they are."""
+    if alone is None or not (known := alone.asked & unmoved).any():
+        return network_pass(model, moving, fixed, precision)
+    fused, flow = alone.fused, alone.flow
+    rest = (~known).to(moving.device)
+    if rest.any():
+        fused[rest], flow[rest] = network_pass(model, moving[rest], fixed[rest], precision)
+    return fused, flow
+
+
+def less_similar(before: Tensor, after: Tensor, fixed: Tensor) -> Tensor:
+    """(N,) bool: slices whose moving image `after` a registration step is less similar to the fixed
+    one than `before` it (normalised mutual information, which works across modalities)."""
+    from bsafuse.metrics import normalised_mutual_information as nmi
+
+    pairs = zip(as_numpy(after)[:, 0], as_numpy(before)[:, 0], as_numpy(fixed)[:, 0], strict=True)
+    return torch.tensor([nmi(a, f) < nmi(b, f) for a, b, f in pairs], dtype=torch.bool, device=before.device)
+
+
+def network_pass(
+    model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precision
+) -> tuple[Tensor, Tensor]:
+    """Run the model at its working size (bsafuse.working_size) and map its outputs back.
+
+    Shapes: (N, 1, H, W) each -> fused (N, 1, H, W), flow (N, 2, H, W) in output pixels.
+    """
+    height, width = moving.shape[-2:]
+    place = placement(height, width, model.config.image_size)
+    with torch.inference_mode(), autocast_for(moving.device, precision):
+        out = model(place.to_working(moving), place.to_working(fixed), transfer_scores=False)
+    return place.image_back(out.fused.float()).clamp(0, 1), place.flow_back(out.flow)
+
+
+def prealign_flows(moving: np.ndarray, fixed: np.ndarray, kind: str) -> Tensor | None:
+    """Classical (SimpleITK) registration of each moving slice to its fixed slice, or None."""
+    if kind == "none":
+        return None
+    from bsafuse.prealign import register_classical
+
+    flows = []
+    for k, (m, f) in enumerate(zip(moving, fixed, strict=True)):
+        if float(m.std()) < 1e-6 or float(f.std()) < 1e-6:  # an empty slice has nothing to align
+            flows.append(np.zeros((2, *f.shape), np.float32))
+            continue
+        try:
+            flows.append(register_classical(m, f, kind=kind))  # type: ignore[arg-type]
+        except InputError as exc:
+            if len(moving) == 1:
+                raise
+            # One slice of a volume (often a nearly empty end slice) need not stop the others.
+            log.warning("slice %d: %s pre-alignment skipped (%s)", k, kind, exc)
+            flows.append(np.zeros((2, *f.shape), np.float32))
+    return torch.from_numpy(np.stack(flows).astype(np.float32))
+
+
+def as_numpy(x: Tensor) -> np.ndarray:
+    """A tensor's values as a float32 NumPy array on the CPU."""
+    return x.detach().float().cpu().numpy()
