@@ -65,7 +65,7 @@ def nearly_aligned(
 def network_reusing(
     model: BSAFusion, moving: Tensor, fixed: Tensor, precision: Precision, alone: Alone | None, unmoved: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """`_network` on every slice, except where `alone` holds its outputs for a slice that stayed
+    """`network_pass` on every slice, except where `alone` holds its outputs for a slice that stayed
     `unmoved` (no pre-alignment applied: the same input); those are taken as they are."""
     if alone is None or not (known := alone.asked & unmoved).any():
         return network_pass(model, moving, fixed, precision)
