@@ -212,13 +212,15 @@ def _fuse_slices(
     pre = prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
     skipped = torch.zeros(len(mov), dtype=torch.bool)
     alone: Alone | None = None
+    mov_in = mov  # what the network registers: the pre-aligned slice where pre-alignment is applied
     if pre is not None:
         skipped, alone = nearly_aligned(pre, mov, fix, model, precision, near_aligned_px, trained_motion_px)
+        prealigned = warp(mov, pre.to(device))
         if guard:  # nor may the pre-alignment leave a pair less similar than it was (design.md §5)
-            skipped |= less_similar(mov, warp(mov, pre.to(device)), fix).cpu()
+            skipped |= less_similar(mov, prealigned, fix).cpu()
         pre[skipped] = 0.0
+        mov_in = torch.where(skipped.to(device)[:, None, None, None], mov, prealigned)
     base = pre.to(device) if pre is not None else torch.zeros_like(fix).expand(-1, 2, -1, -1)
-    mov_in = warp(mov, base) if pre is not None else mov
     fused_t, net_flow = network_reusing(model, mov_in, fix, precision, alone, skipped)
     flow = compose_flows(base, net_flow) if pre is not None else net_flow  # total, pixels
     # The network must never leave a pair less similar than the pre-alignment did (design.md §5).
