@@ -37,8 +37,9 @@ How a pair is handled (design.md §1 and §5):
   few pixels from the anatomical alignment (design.md §5). So is a move under TRAINED_MOTION_PX
   where the network alone, run on the unregistered pair, finds under STILL_PX of motion.
 - *Guard.* No registration step may leave a slice less similar to the fixed one than it was
-  (normalised mutual information, which works across modalities). A pre-alignment that does is
-  not applied (`FuseResult.prealign_skipped`); where the network's flow does, the network's
+  (normalised mutual information, which works across modalities). A pre-alignment that does, or
+  that raises it by less than MIN_PREALIGN_GAIN (no evidence in the images for the move), is not
+  applied (`FuseResult.prealign_skipped`); where the network's flow does, the network's
   registration is dropped for that slice: the pre-alignment is kept and the network fuses the
   pre-aligned pair (`FuseResult.fallback_slices`, a logged warning).
 
@@ -58,6 +59,7 @@ import torch
 from bsafuse._pair import ImageLike, pair_in_fixed_grid
 from bsafuse.choices import (
     DEFAULT_PREALIGN,
+    MIN_PREALIGN_GAIN,
     NEAR_ALIGNED_PX,
     PREALIGN_KINDS,
     TRAINED_MOTION_PX,
@@ -116,7 +118,7 @@ def fuse(
     256 px; 0 turns this off) is registered by the network alone (`FuseResult.prealign_skipped`),
     and so is one it would move less than `trained_motion_px` where the network alone finds under
     STILL_PX of motion in the unregistered pair (0 turns this off); with `guard`, so is one the
-    pre-alignment would leave less similar than it was.
+    pre-alignment would leave less similar than it was, or more similar by under MIN_PREALIGN_GAIN.
     `ignore_geometry` centres the moving image on the fixed one instead of placing
     both by their headers (pairs without a shared frame of reference). Volume slices go through the
     network `batch_size` at a time. See the module docstring.
@@ -216,8 +218,8 @@ def _fuse_slices(
     if pre is not None:
         skipped, alone = nearly_aligned(pre, mov, fix, model, precision, near_aligned_px, trained_motion_px)
         prealigned = warp(mov, pre.to(device))
-        if guard:  # nor may the pre-alignment leave a pair less similar than it was (design.md §5)
-            skipped |= less_similar(mov, prealigned, fix).cpu()
+        if guard:  # the pre-alignment must leave a pair clearly more similar than it was (design.md §5)
+            skipped |= less_similar(mov, prealigned, fix, margin=MIN_PREALIGN_GAIN).cpu()
         pre[skipped] = 0.0
         mov_in = torch.where(skipped.to(device)[:, None, None, None], mov, prealigned)
     base = pre.to(device) if pre is not None else torch.zeros_like(fix).expand(-1, 2, -1, -1)

@@ -26,3 +26,7 @@ NEAR_ALIGNED_PX = 5.0
 # pair, the pre-alignment is not applied either. Chosen on deformed pairs, 2026-12-07 (design.md §5).
 TRAINED_MOTION_PX = 8.0
 STILL_PX = 2.0
+# Normalised mutual information: a pre-alignment that raises the pair's NMI by less than this is not
+# applied (the guard): the images give no evidence for that move, however large (a flat optimum,
+# e.g. a top-of-head slice). Chosen on deformed pairs, 2026-12-07 (design.md §5).
+MIN_PREALIGN_GAIN = 0.002

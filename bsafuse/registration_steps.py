@@ -76,13 +76,16 @@ def network_reusing(
     return fused, flow
 
 
-def less_similar(before: Tensor, after: Tensor, fixed: Tensor) -> Tensor:
+def less_similar(before: Tensor, after: Tensor, fixed: Tensor, *, margin: float = 0.0) -> Tensor:
     """(N,) bool: slices whose moving image `after` a registration step is less similar to the fixed
-    one than `before` it (normalised mutual information, which works across modalities)."""
+    one than `before` it (normalised mutual information, which works across modalities), or more
+    similar by less than `margin`."""
     from bsafuse.metrics import normalised_mutual_information as nmi
 
     pairs = zip(as_numpy(after)[:, 0], as_numpy(before)[:, 0], as_numpy(fixed)[:, 0], strict=True)
-    return torch.tensor([nmi(a, f) < nmi(b, f) for a, b, f in pairs], dtype=torch.bool, device=before.device)
+    return torch.tensor(
+        [nmi(a, f) < nmi(b, f) + margin for a, b, f in pairs], dtype=torch.bool, device=before.device
+    )
 
 
 def network_pass(

@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from bsafuse.api import FuseResult, fuse, load_model
+from bsafuse.choices import MIN_PREALIGN_GAIN
 from bsafuse.config import ModelConfig
 from bsafuse.errors import InputError, WeightsError
 from bsafuse.io.color import rgb_to_ycbcr
 from bsafuse.loading import Provenance
+from bsafuse.metrics import normalised_mutual_information as nmi
 from bsafuse.warp import warp
 
 
@@ -143,6 +145,23 @@ def test_guard_declines_a_pre_alignment_that_leaves_the_pair_less_similar(
     assert declined.prealign_skipped == (0,) and float(np.abs(declined.flow).max()) == 0.0
     unguarded = fuse(aligned, aligned, PlantedModel((0.0, 0.0), 128), guard=False)
     assert unguarded.prealign_skipped == () and float(unguarded.flow[0].mean()) == pytest.approx(12.0)
+
+
+def test_guard_declines_a_pre_alignment_the_images_give_no_evidence_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 12 px move of a slice 6.02 px off: it lands 5.98 px off on the other side, a hair more
+    # similar (NMI +0.001): a flat optimum, like a top-of-head PET slice's, not evidence of motion.
+    move = torch.zeros(1, 2, 128, 128)
+    move[:, 0] = 12.0
+    monkeypatch.setattr("bsafuse.api.prealign_flows", lambda *args: move.clone())
+    fixed, barely = phantom(128, 128), phantom(128, 128, shift=6.02)
+    before = torch.from_numpy(barely)[None, None]
+    gain = nmi(warp(before, move)[0, 0].numpy(), fixed) - nmi(barely, fixed)
+    assert 0 < gain < MIN_PREALIGN_GAIN  # the planted case: more similar, by less than the margin
+    declined = fuse(barely, fixed, PlantedModel((0.0, 0.0), 128))
+    assert declined.prealign_skipped == (0,) and float(np.abs(declined.flow).max()) == 0.0
+    # the same move where the slice is 12 px off: clearly more similar, applied
+    recovered = fuse(phantom(128, 128, shift=12.0), fixed, PlantedModel((0.0, 0.0), 128))
+    assert recovered.prealign_skipped == () and float(recovered.flow[0].mean()) == pytest.approx(12.0)
 
 
 def test_grey_pair_shapes_and_ranges(tiny_model: nn.Module) -> None:

@@ -78,7 +78,8 @@ Prealign = Annotated[
         "then corrects what remains. Default: rigid. none: the network alone. A pre-alignment that "
         f"would move the pair by under {choices.NEAR_ALIGNED_PX:g} px (at {choices.REFERENCE_SIZE} px), or under "
         f"{choices.TRAINED_MOTION_PX:g} px where the network alone finds under {choices.STILL_PX:g} px of motion, "
-        "or that would leave the pair less similar (normalised mutual information), is not applied: "
+        "or that would leave the pair less similar (normalised mutual information), or more similar by "
+        f"under {choices.MIN_PREALIGN_GAIN:g}, is not applied: "
         "the network registers the pair alone (prealign_skipped_slices in --json). Where the network's "
         "flow leaves the pair less similar than the pre-alignment did, the pre-alignment is kept (a "
         "warning, and fallback_slices in --json).",
