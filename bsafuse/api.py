@@ -159,7 +159,7 @@ def fuse(
     prealign_skipped = tuple(int(i) for i in np.flatnonzero(skipped))
     if prealign_skipped:
         log.info(
-            "%s pre-alignment not applied to %d of %d slices: nearly aligned, or less similar after it",
+            "%s pre-alignment not applied to %d of %d slices: nearly aligned, or not clearly more similar after it",
             kind,
             len(prealign_skipped),
             total,

@@ -38,7 +38,8 @@ class FuseResult:
     # than the pre-alignment alone, and was dropped: the pre-alignment is kept there (design.md §5).
     fallback_slices: tuple[int, ...] = ()
     # Slices the pre-alignment was not applied to (nearly aligned: api.fuse's near_aligned_px and
-    # trained_motion_px; or left less similar by it): the network registered them alone (design.md §5).
+    # trained_motion_px; or left less similar by it, or more similar by under MIN_PREALIGN_GAIN): the
+    # network registered them alone (design.md §5).
     prealign_skipped: tuple[int, ...] = ()
 
     @property
