@@ -35,7 +35,8 @@ How a pair is handled (design.md §1 and §5):
   the slice alone (`FuseResult.prealign_skipped`): that motion is inside what the network was
   trained on, while the mutual-information optimum of a PET or SPECT slice against its MRI lies a
   few pixels from the anatomical alignment (design.md §5). So is a move under TRAINED_MOTION_PX
-  where the network alone, run on the unregistered pair, finds under STILL_PX of motion.
+  where the network alone, run on the unregistered pair, finds under STILL_PX of motion (or the
+  value the checkpoint was calibrated with: its "still_px" entry, `model.still_px`).
 - *Guard.* No registration step may leave a slice less similar to the fixed one than it was
   (normalised mutual information, which works across modalities). A pre-alignment that does, or
   that raises it by less than MIN_PREALIGN_GAIN (no evidence in the images for the move), is not
@@ -77,6 +78,7 @@ from bsafuse.registration_steps import (
     network_pass,
     network_reusing,
     prealign_flows,
+    still_px_of,
 )
 from bsafuse.results import FuseResult
 from bsafuse.warp import compose_flows, warp
@@ -106,6 +108,7 @@ def fuse(
     ignore_geometry: bool = False,
     near_aligned_px: float = NEAR_ALIGNED_PX,
     trained_motion_px: float = TRAINED_MOTION_PX,
+    still_px: float | None = None,
 ) -> FuseResult:
     """Register `moving` onto `fixed` and fuse them with `model`, in the fixed image's grid.
 
@@ -117,7 +120,8 @@ def fuse(
     logged warning). A slice that the pre-alignment would move less than `near_aligned_px` (at
     256 px; 0 turns this off) is registered by the network alone (`FuseResult.prealign_skipped`),
     and so is one it would move less than `trained_motion_px` where the network alone finds under
-    STILL_PX of motion in the unregistered pair (0 turns this off); with `guard`, so is one the
+    `still_px` of motion in the unregistered pair (0 turns this off; None: the value the weights
+    were calibrated with, `model.still_px`, else STILL_PX); with `guard`, so is one the
     pre-alignment would leave less similar than it was, or more similar by under MIN_PREALIGN_GAIN.
     `ignore_geometry` centres the moving image on the fixed one instead of placing
     both by their headers (pairs without a shared frame of reference). Volume slices go through the
@@ -148,6 +152,7 @@ def fuse(
                 guard=guard,
                 near_aligned_px=near_aligned_px,
                 trained_motion_px=trained_motion_px,
+                still_px=still_px_of(model) if still_px is None else still_px,
             )
         )
         if progress is not None:
@@ -202,6 +207,7 @@ def _fuse_slices(
     guard: bool,
     near_aligned_px: float,
     trained_motion_px: float,
+    still_px: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One batch of same-sized slices -> fused, warped, flow (N, 2, H, W), valid, dropped, skipped (N,)."""
     from bsafuse.io.color import ycbcr_to_rgb
@@ -216,7 +222,9 @@ def _fuse_slices(
     alone: Alone | None = None
     mov_in = mov  # what the network registers: the pre-aligned slice where pre-alignment is applied
     if pre is not None:
-        skipped, alone = nearly_aligned(pre, mov, fix, model, precision, near_aligned_px, trained_motion_px)
+        skipped, alone = nearly_aligned(
+            pre, mov, fix, model, precision, near_aligned_px, trained_motion_px, still_px
+        )
         prealigned = warp(mov, pre.to(device))
         if guard:  # the pre-alignment must leave a pair clearly more similar than it was (design.md §5)
             skipped |= less_similar(mov, prealigned, fix, margin=MIN_PREALIGN_GAIN).cpu()

@@ -35,16 +35,23 @@ class Alone(NamedTuple):
     flow: Tensor
 
 
+def still_px_of(model: object) -> float:
+    """The STILL_PX these weights were calibrated with (their checkpoint's "still_px"), else STILL_PX."""
+    value = getattr(model, "still_px", None)
+    return STILL_PX if value is None else float(value)
+
+
 def nearly_aligned(
     pre: Tensor, moving: Tensor, fixed: Tensor, model: BSAFusion, precision: Precision,
-    near_px: float, trained_px: float,
+    near_px: float, trained_px: float, still_px: float,
 ) -> tuple[Tensor, Alone | None]:  # fmt: skip
     """(N,) bool: slices the pre-alignment flow `pre` should not be applied to (design.md §5).
 
     Those it would move by under `near_px` on average, and those it would move by under
     `trained_px` (motion the network was trained to correct) where the network alone, run on the
-    unregistered pair, finds under STILL_PX: there a functional slice's mutual-information optimum
-    is more often off than the pair is misaligned. Thresholds are px at REFERENCE_SIZE.
+    unregistered pair, finds under `still_px` (`still_px_of(model)`): there a functional slice's
+    mutual-information optimum is more often off than the pair is misaligned. Thresholds are px
+    at REFERENCE_SIZE.
     Also returns what the network gave on the slices it was asked about (None if none), for
     `network_reusing`.
     """
@@ -56,7 +63,7 @@ def nearly_aligned(
         return skipped, None
     where = ask.to(moving.device)
     fused, flow = network_pass(model, moving[where], fixed[where], precision)
-    skipped[ask] = flow.norm(dim=1).mean(dim=(1, 2)).cpu() < STILL_PX * per_px
+    skipped[ask] = flow.norm(dim=1).mean(dim=(1, 2)).cpu() < still_px * per_px
     alone = Alone(ask, fused.new_zeros((len(moving), *fused.shape[1:])), flow.new_zeros(pre.shape))
     alone.fused[where], alone.flow[where] = fused, flow
     return skipped, alone

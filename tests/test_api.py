@@ -121,6 +121,20 @@ def test_inside_the_trained_motion_the_network_alone_decides_whether_to_pre_alig
     assert len(unasked.inputs) == 1
 
 
+def test_the_still_threshold_is_the_one_the_weights_were_calibrated_with() -> None:
+    # 128 px, a 3 px shift (inside the trained motion); the network alone finds 0.8 px: under the
+    # default STILL_PX (2 px at 256, 1 px here), over a calibration of 1 px at 256 (0.5 px here).
+    moving, fixed = phantom(128, 128, shift=3), phantom(128, 128)
+    default = fuse(moving, fixed, PlantedModel((0.8, 0.0), 128), guard=False)
+    assert default.prealign_skipped == (0,) and float(default.flow[0].mean()) == pytest.approx(0.8, rel=1e-4)
+    calibrated = PlantedModel((0.8, 0.0), 128)
+    calibrated.still_px = 1.0
+    applied = fuse(moving, fixed, calibrated, guard=False)
+    assert applied.prealign_skipped == () and float(applied.flow[0].mean()) == pytest.approx(3.8, abs=0.3)
+    asked = fuse(moving, fixed, calibrated, guard=False, still_px=2.0)  # the caller's value wins
+    assert asked.prealign_skipped == (0,)
+
+
 def test_a_volume_mixes_slices_the_network_registers_alone_and_pre_aligned_ones() -> None:
     # slice 0 is 3 px off (inside the trained motion, and the network sees none), slice 1 is 8 px off
     moving = np.stack([phantom(128, 128, shift=3), phantom(128, 128, shift=8)])

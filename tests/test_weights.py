@@ -260,3 +260,28 @@ def test_cli_export_strips_training_state_and_prints_the_sha256(tmp_path: Path, 
         assert torch.allclose(a.float(), b, atol=1e-3 * max(1.0, a.abs().max().item())), name
     same = CliRunner().invoke(app, ["weights", "export", str(out), "-o", str(out)])
     assert same.exit_code == 1 and "is the input checkpoint" in same.output
+
+
+def test_still_px_is_a_calibration_of_exported_weights_not_of_training(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    assert weights.load_checkpoint(tiny_checkpoint).still_px is None  # none stored: the pipeline's STILL_PX
+    calibrated = tmp_path / "calibrated.pt"
+    result = CliRunner().invoke(app, ["weights", "export", str(tiny_checkpoint), "-o", str(calibrated), "--still-px", "1.25"])
+    assert result.exit_code == 0, result.output
+    model = weights.load_checkpoint(calibrated)
+    assert model.still_px == 1.25 and weights.read_checkpoint(calibrated)["still_px"] == 1.25
+    again = tmp_path / "again.pt"  # re-exporting keeps it, as it keeps the epoch
+    weights.export_checkpoint(calibrated, again, half=True)
+    assert weights.load_checkpoint(again).still_px == 1.25
+    # a run fine-tuned from calibrated weights saves no calibration: its network is another one
+    weights.save_checkpoint(tmp_path / "run.pt", model, epoch=1)
+    assert "still_px" not in weights.read_checkpoint(tmp_path / "run.pt")
+    refused = CliRunner().invoke(app, ["weights", "export", str(tiny_checkpoint), "-o", str(tmp_path / "x.pt"), "--still-px", "-1"])
+    assert refused.exit_code == 1 and "still_px must be a positive number" in refused.output
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_shipped_pet_weights_carry_their_own_still_threshold() -> None:
+    # PET round 6 reports less motion on moved PET slices than the networks the default was chosen on
+    assert weights.load_checkpoint(weights.resolve("pet-mri-v2")).still_px == 1.0
+    assert weights.load_checkpoint(weights.resolve("ct-mri-v2")).still_px is None
+    assert weights.load_checkpoint(weights.resolve("spect-mri-v2")).still_px is None

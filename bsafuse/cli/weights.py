@@ -92,6 +92,16 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint, e.g. runs/ct/best.pt.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The checkpoint file to write.")],
     half: Annotated[bool, flag("--half", help="Store the weights as float16 (half the size).")] = False,
+    still_px: Annotated[
+        float | None,
+        typer.Option(
+            "--still-px",
+            help="Calibrate the nearly-aligned rule for these weights: below this mean motion (px at 256 px) "
+            "found by the network alone, a small rigid move is not applied (default: the checkpoint's "
+            "value, else 2).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Write a checkpoint for sharing: the model config and weights only, no optimizer or training state.
 
@@ -99,6 +109,6 @@ def export(
     """
     from bsafuse import weights
 
-    digest = weights.export_checkpoint(checkpoint, output, half=half)
+    digest = weights.export_checkpoint(checkpoint, output, half=half, still_px=still_px)
     err.print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
     print(digest)

@@ -7,7 +7,8 @@ from bsafuse.choices import NEAR_ALIGNED_PX, STILL_PX, TRAINED_MOTION_PX
 METHODS: dict[str, str] = {
     "bsafuse": "the default pipeline (fuse): rigid pre-alignment unless it would move the pair under "
     f"{NEAR_ALIGNED_PX:g} px (or under {TRAINED_MOTION_PX:g} px where the network alone finds under "
-    f"{STILL_PX:g} px), then the network registers and fuses",
+    f"{STILL_PX:g} px, or the weights' own calibration), or the images give no evidence for the move "
+    "(guard), then the network registers and fuses",
     "network": "the network alone (--prealign none) registers and fuses the deformed pair",
     "rigid": "SimpleITK rigid pre-alignment alone, then the network's fusion",
     "none": "no registration (flow 0), the network's fusion of the unaligned pair",

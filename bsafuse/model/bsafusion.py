@@ -78,6 +78,10 @@ class BSAFusion(nn.Module):
         self.fuse = MultimodalFusion(cfg)
         self.refresh_modality_scorer()
         self.provenance: Provenance | None = None  # where the weights came from (set by load_model)
+        # The pipeline's STILL_PX for these weights (design.md §5), from the checkpoint's "still_px"
+        # entry; None: the default, choices.STILL_PX. A calibration of trained weights, so a model
+        # fine-tuned from them starts without it (`bsafuse weights export --still-px` sets it).
+        self.still_px: float | None = None
         # NHWC weights: convolutions run without layout round trips (model/speed.py)
         self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (stubs lack it)
 
@@ -185,7 +189,17 @@ class BSAFusion(nn.Module):
             )
         if problems:
             raise ValueError(f"the checkpoint's state dict does not fit its config: {'; '.join(problems)}")
+        model.still_px = checked_still_px(checkpoint.get("still_px"))
         return model
+
+
+def checked_still_px(value: Any) -> float | None:
+    """A checkpoint's "still_px" entry: None, or a positive number of pixels at REFERENCE_SIZE."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"the checkpoint's still_px must be a positive number of pixels, got {value!r}")
+    return float(value)
 
 
 def keep_fixed_outside(fused: Tensor, fixed: Tensor, valid: Tensor) -> Tensor:
