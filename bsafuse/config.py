@@ -232,6 +232,11 @@ class LossWeights:
     # Not in the paper: a Q_AB/F term (metric_losses.qabf_loss = 1 - Q_AB/F, ~0.25 for a good PET fusion)
     # that asks the fused image to keep each source's edges in strength and orientation. 0: off.
     abf: float = 0.0
+    # Not in the paper: the share s of the aligned truth (the label) in what the fusion terms judge
+    # the fused image against, (1 - s) W(A, phi) + s A. 0: the paper's W(A, phi). With the
+    # registration frozen, 1 asks the fusion for what perfect alignment would have given, as the
+    # fusion metrics do (they score against A).
+    label_target: float = 0.0
     # mu of Eq. 11 (the weight of SSIM(F, B) against SSIM(F, W(A))). None: the paper's rule, set
     # each epoch to the ratio of the two SSIMs (losses.update_mu), which favours the image the
     # fused one already resembles (the MRI: mu settles near 2); a number: that mu for every epoch.
@@ -245,5 +250,7 @@ class LossWeights:
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"LossWeights.{name} must be >= 0, got {value}")
+        if self.label_target > 1:
+            raise ValueError(f"LossWeights.label_target is a share in [0, 1], got {self.label_target}")
         if any(w < 0 for w in self.smooth_steps):
             raise ValueError(f"LossWeights.smooth_steps must be >= 0, got {self.smooth_steps}")

@@ -169,6 +169,7 @@ def total_loss(
     ``weights.flow_scales > 0``, its counterpart at every BSFA step's scale ``flow_scales``
     (`step_endpoint_loss`); with ``weights.cv > 0``, the Q_CV term ``cv`` (`metric_losses.cv_loss`,
     not in the paper either); with ``weights.abf > 0``, the Q_AB/F term ``abf`` (`metric_losses.qabf_loss`).
+    ``weights.label_target`` moves the fusion terms' target from ``out.warped`` towards `label`.
     """
     weights = weights or LossWeights()
     if out.logits_moving_transfer is None or out.logits_fixed_transfer is None:
@@ -187,6 +188,8 @@ def total_loss(
     # seen within ten steps. The flow trains on L_consis and L_smooth, and on the fusion losses
     # only through the fused image itself.
     target = out.warped.detach()
+    if weights.label_target > 0:  # the aligned truth, constant: no path back into the flow either
+        target = torch.lerp(target, label.to(target.dtype), weights.label_target)
     terms["struct"], s_moving, s_fixed = structure_loss(out.fused, target, fixed, mu)
     terms["inten"] = intensity_loss(out.fused, target, fixed)
     terms["grad"] = gradient_loss(out.fused, target, fixed)

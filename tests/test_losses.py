@@ -225,6 +225,23 @@ def test_total_loss_is_the_weighted_sum_of_its_terms(generator: torch.Generator)
     assert fused.grad is not None and fused.grad.abs().sum() > 0
 
 
+def test_label_target_judges_the_fusion_against_the_aligned_truth(generator: torch.Generator) -> None:
+    a, b, shifted = blobs(generator), blobs(generator), blobs(generator)  # `shifted`: a poor registration
+    fused = (a + b) / 2
+    _, paper = total_loss(fake_output(fused, shifted), moving=a, fixed=b, label=a)
+    _, truth = total_loss(fake_output(fused, shifted), moving=a, fixed=b, label=a, weights=LossWeights(label_target=1.0))
+    _, aligned = total_loss(fake_output(fused, a), moving=a, fixed=b, label=a)  # as if perfectly registered
+    for name in ("struct", "inten", "grad", "ssim_fused_moving"):
+        assert truth[name].item() == pytest.approx(aligned[name].item(), rel=1e-6), name
+        assert truth[name].item() != pytest.approx(paper[name].item(), rel=1e-3), name
+    assert truth["consis"].item() == pytest.approx(paper["consis"].item())  # registration terms unchanged
+    _, half = total_loss(fake_output(fused, shifted), moving=a, fixed=b, label=a, weights=LossWeights(label_target=0.5))
+    mid = total_loss(fake_output(fused, (a + shifted) / 2), moving=a, fixed=b, label=a)[1]
+    assert half["inten"].item() == pytest.approx(mid["inten"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="share in"):
+        LossWeights(label_target=1.5)
+
+
 def test_update_mu_is_the_ssim_ratio_clipped() -> None:
     assert update_mu(3.0, 4.0) == pytest.approx(0.75)
     assert update_mu(torch.tensor(8.0), torch.tensor(4.0)) == pytest.approx(2.0)
