@@ -322,26 +322,17 @@ def load_checkpoint(
 
 
 def export_checkpoint(
-    source: str | os.PathLike[str],
-    output: str | os.PathLike[str],
-    *,
-    half: bool = False,
-    still_px: float | None = None,
+    source: str | os.PathLike[str], output: str | os.PathLike[str], *, half: bool = False, still_px: float | None = None
 ) -> str:
     """Write a checkpoint for sharing (config, weights, epoch, metrics and the source's still_px; no
     optimiser or training state), fp16 weights with `half`; returns its sha256, the value to
     register beside it. `still_px` sets the pipeline's STILL_PX for these weights (design.md §5)."""
-    from bsafuse.model.bsafusion import checked_still_px
-
     source, output = Path(source), Path(output)
     if output.resolve() == source.resolve():
         raise WeightsError(f"{output} is the input checkpoint; write the export to another file")
     data = read_checkpoint(source)
     if still_px is not None:
-        try:
-            data["still_px"] = checked_still_px(still_px)
-        except ValueError as exc:
-            raise WeightsError(f"--still-px: {exc}") from None
+        data["still_px"] = still_px  # checked when load_checkpoint builds the model below
     kept = {k: data[k] for k in ("epoch", "metrics", "still_px") if data.get(k) is not None}
     save_checkpoint(output, load_checkpoint(data), half=half, **kept)
     return sha256_of(output)

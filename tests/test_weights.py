@@ -276,8 +276,11 @@ def test_still_px_is_a_calibration_of_exported_weights_not_of_training(tmp_path:
     weights.save_checkpoint(tmp_path / "run.pt", model, epoch=1)
     assert "still_px" not in weights.read_checkpoint(tmp_path / "run.pt")
     refused = CliRunner().invoke(app, ["weights", "export", str(tiny_checkpoint), "-o", str(tmp_path / "x.pt"), "--still-px", "-1"])
-    assert refused.exit_code == 1 and "still_px must be a positive number" in refused.output
+    assert refused.exit_code == 1 and "--still-px must be a positive number" in refused.output
     assert not (tmp_path / "x.pt").exists()
+    with pytest.raises(WeightsError, match="still_px must be a positive number"):
+        weights.export_checkpoint(tiny_checkpoint, tmp_path / "y.pt", still_px=0.0)
+    assert not (tmp_path / "y.pt").exists()
 
 
 def test_the_shipped_pet_weights_carry_their_own_still_threshold() -> None:

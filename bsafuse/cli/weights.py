@@ -109,6 +109,8 @@ def export(
     """
     from bsafuse import weights
 
+    if still_px is not None and not still_px > 0:
+        fail(f"--still-px must be a positive number of pixels (at 256 px), got {still_px:g}")
     digest = weights.export_checkpoint(checkpoint, output, half=half, still_px=still_px)
     err.print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
     print(digest)
