@@ -103,7 +103,7 @@ def export(
         ),
     ] = None,
 ) -> None:
-    """Write a checkpoint for sharing: the model config and weights only, no optimizer or training state.
+    """Write a checkpoint for sharing: the model config, weights and --still-px; no optimizer or training state.
 
     Prints the file's sha256 (stdout), the value to register or publish beside it.
     """
