@@ -28,8 +28,11 @@ How a pair is handled (design.md §1 and §5):
 - *Borders.* Where the total flow samples outside the moving image there is no moving data, and the
   fused image is the fixed image there (blended by the share of valid moving data).
 - *Pre-alignment.* `prealign="rigid"|"affine"` first registers the moving slice to the fixed one with
-  SimpleITK (default: rigid, for 2-D pairs and volume slices alike: the v2 networks are trained on
-  what it leaves); the reported flow is the total (pre-alignment composed with the network's flow).
+  SimpleITK, for 2-D pairs and volume slices alike (default: the one the weights were calibrated
+  with, their checkpoint's "prealign" entry, `model.prealign`, else rigid: the v2 networks are
+  trained on what rigid leaves; pet-mri-v2 carries affine); the reported flow is the total
+  (pre-alignment composed with the network's flow). An affine pre-alignment is the rigid result
+  refined, and the rules below judge it by its rigid step (`registration_steps.prealign_flows`).
 - *Nearly aligned pairs.* Where the pre-alignment moves a slice by less than NEAR_ALIGNED_PX on
   average (scaled from 256 px to the slice's size), it is not applied and the network registers
   the slice alone (`FuseResult.prealign_skipped`): that motion is inside what the network was
@@ -59,7 +62,6 @@ import torch
 
 from bsafuse._pair import ImageLike, pair_in_fixed_grid
 from bsafuse.choices import (
-    DEFAULT_PREALIGN,
     MIN_PREALIGN_GAIN,
     NEAR_ALIGNED_PX,
     PREALIGN_KINDS,
@@ -78,6 +80,7 @@ from bsafuse.registration_steps import (
     network_pass,
     network_reusing,
     prealign_flows,
+    prealign_of,
     still_px_of,
 )
 from bsafuse.results import FuseResult
@@ -85,6 +88,8 @@ from bsafuse.warp import compose_flows, warp
 from bsafuse.working_size import keep_fixed_outside, split_luma
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from bsafuse.model import BSAFusion
 
 log = logging.getLogger(__name__)
@@ -114,7 +119,8 @@ def fuse(
 
     Inputs are MedicalImages (from `bsafuse.io.read_image`) or float arrays in [0, 1] (uint8 and
     uint16 are scaled): moving (H, W), (H, W, 3) RGB or (D, H, W); fixed (H, W) or (D, H, W) grey.
-    `prealign` is "none", "rigid" or "affine"; None means DEFAULT_PREALIGN (rigid). With `guard`,
+    `prealign` is "none", "rigid" or "affine"; None means the weights' own (`model.prealign`), else
+    DEFAULT_PREALIGN (rigid). With `guard`,
     a slice whose pair the network's flow leaves less similar (normalised mutual information)
     than the pre-alignment alone keeps the pre-alignment (`FuseResult.fallback_slices`, and a
     logged warning). A slice that the pre-alignment would move less than `near_aligned_px` (at
@@ -128,7 +134,7 @@ def fuse(
     network `batch_size` at a time. See the module docstring.
     """
     start = time.perf_counter()
-    kind = prealign or DEFAULT_PREALIGN
+    kind = prealign or prealign_of(model)
     if kind not in PREALIGN_KINDS:
         raise InputError(f"prealign must be one of {', '.join(PREALIGN_KINDS)}, got {kind!r}")
     moving_px, fixed_px, is_volume = pair_in_fixed_grid(
@@ -217,19 +223,20 @@ def _fuse_slices(
     device = next(model.parameters()).device
     mov = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
     fix = torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[:, None].to(device)  # (N, 1, H, W)
-    pre = prealign_flows(grey, fixed, prealign)  # (N, 2, H, W) or None
+    prealigned = prealign_flows(grey, fixed, prealign)
     skipped = torch.zeros(len(mov), dtype=torch.bool)
     alone: Alone | None = None
     mov_in = mov  # what the network registers: the pre-aligned slice where pre-alignment is applied
-    if pre is not None:
+    pre: Tensor | None = None  # (N, 2, H, W): the pre-alignment applied
+    if prealigned is not None:
+        judged, pre = prealigned
         skipped, alone = nearly_aligned(
-            pre, mov, fix, model, precision, near_aligned_px, trained_motion_px, still_px
+            judged, mov, fix, model, precision, near_aligned_px, trained_motion_px, still_px
         )
-        prealigned = warp(mov, pre.to(device))
         if guard:  # the pre-alignment must leave a pair clearly more similar than it was (design.md §5)
-            skipped |= less_similar(mov, prealigned, fix, margin=MIN_PREALIGN_GAIN).cpu()
+            skipped |= less_similar(mov, warp(mov, judged.to(device)), fix, margin=MIN_PREALIGN_GAIN).cpu()
         pre[skipped] = 0.0
-        mov_in = torch.where(skipped.to(device)[:, None, None, None], mov, prealigned)
+        mov_in = torch.where(skipped.to(device)[:, None, None, None], mov, warp(mov, pre.to(device)))
     base = pre.to(device) if pre is not None else torch.zeros_like(fix).expand(-1, 2, -1, -1)
     fused_t, net_flow = network_reusing(model, mov_in, fix, precision, alone, skipped)
     flow = compose_flows(base, net_flow) if pre is not None else net_flow  # total, pixels

@@ -158,11 +158,8 @@ def _rigid(setup: _Setup, iterations: int) -> sitk.Euler2DTransform:
     return best
 
 
-def _linear(setup: _Setup, kind: str, iterations: int) -> sitk.Transform:
-    """Rigid, or affine refined from the rigid result on the finer pyramid levels."""
-    rigid = _rigid(setup, iterations)
-    if kind == "rigid":
-        return rigid
+def _affine(setup: _Setup, rigid: sitk.Euler2DTransform, iterations: int) -> sitk.AffineTransform:
+    """The rigid result refined as an affine on the finer pyramid levels, with smaller steps."""
     affine = sitk.AffineTransform(2)
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
@@ -221,6 +218,31 @@ def register_classical(
     Raises:
         InputError: bad arrays, or a registration that fails (e.g. the images hardly overlap).
     """
+    return register_stages(
+        moving,
+        fixed,
+        kind=kind,
+        seed=seed,
+        sampling=sampling,
+        iterations=iterations,
+        bspline_iterations=bspline_iterations,
+        bspline_mesh=bspline_mesh,
+    )[-1]
+
+
+def register_stages(
+    moving: np.ndarray,
+    fixed: np.ndarray,
+    *,
+    kind: Kind = "affine",
+    seed: int = 0,
+    sampling: float = 1.0,
+    iterations: int = 100,
+    bspline_iterations: int = 30,
+    bspline_mesh: int = BSPLINE_MESH,
+) -> tuple[np.ndarray, ...]:
+    """`register_classical`, returning the flow after each stage up to `kind`: (rigid,), (rigid,
+    affine) or (rigid, affine, bspline), each computed from the one before (one registration)."""
     if kind not in KINDS:
         raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if not 0 < sampling <= 1:
@@ -234,26 +256,36 @@ def register_classical(
             "resample the moving image onto the fixed grid first"
         )
     setup = _Setup(moving_image, fixed_image, sampling=sampling, seed=seed)
+    stages = KINDS[: KINDS.index(kind) + 1]
     try:
         with _single_thread():
-            transform = _linear(setup, "rigid" if kind == "rigid" else "affine", iterations)
-            if kind == "bspline":
-                transform = _bspline(setup, transform, bspline_iterations, bspline_mesh)
-            field = sitk.TransformToDisplacementField(
-                transform,
-                sitk.sitkVectorFloat64,
-                fixed_image.GetSize(),
-                fixed_image.GetOrigin(),
-                fixed_image.GetSpacing(),
-                fixed_image.GetDirection(),
-            )
+            rigid = _rigid(setup, iterations)
+            transforms: list[sitk.Transform] = [rigid]
+            if "affine" in stages:
+                transforms.append(_affine(setup, rigid, iterations))
+            if "bspline" in stages:
+                transforms.append(_bspline(setup, transforms[-1], bspline_iterations, bspline_mesh))
+            flows = tuple(_flow(transform, fixed_image) for transform in transforms)
     except RuntimeError as exc:  # SimpleITK reports every ITK exception as RuntimeError
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise InputError(
             f"{kind} registration with SimpleITK failed: {lines[-1] if lines else 'unknown ITK error'}. "
             "The images may hardly overlap or hold too little structure; check that they show the same anatomy"
         ) from None
-    flow = np.moveaxis(sitk.GetArrayFromImage(field), -1, 0).astype(np.float32)  # (H, W, 2) -> (2, H, W)
-    if not np.isfinite(flow).all():
-        raise InputError(f"{kind} registration with SimpleITK diverged (non-finite transform)")
-    return flow
+    for stage, flow in zip(stages, flows, strict=True):
+        if not np.isfinite(flow).all():
+            raise InputError(f"{stage} registration with SimpleITK diverged (non-finite transform)")
+    return flows
+
+
+def _flow(transform: sitk.Transform, fixed: sitk.Image) -> np.ndarray:
+    """The (2, H, W) float32 flow of `transform` on the fixed image's grid."""
+    field = sitk.TransformToDisplacementField(
+        transform,
+        sitk.sitkVectorFloat64,
+        fixed.GetSize(),
+        fixed.GetOrigin(),
+        fixed.GetSpacing(),
+        fixed.GetDirection(),
+    )
+    return np.moveaxis(sitk.GetArrayFromImage(field), -1, 0).astype(np.float32)  # (H, W, 2) -> (2, H, W)

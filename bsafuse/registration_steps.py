@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bsafuse.choices import REFERENCE_SIZE, STILL_PX, Precision
+from bsafuse.choices import DEFAULT_PREALIGN, REFERENCE_SIZE, STILL_PX, Precision
 from bsafuse.device import autocast_for
 from bsafuse.errors import InputError
 from bsafuse.working_size import placement
@@ -39,6 +39,13 @@ def still_px_of(model: object) -> float:
     """The STILL_PX these weights were calibrated with (their checkpoint's "still_px"), else STILL_PX."""
     value = getattr(model, "still_px", None)
     return STILL_PX if value is None else float(value)
+
+
+def prealign_of(model: object) -> str:
+    """The pre-alignment these weights were calibrated with (their checkpoint's "prealign"), else
+    DEFAULT_PREALIGN."""
+    value = getattr(model, "prealign", None)
+    return DEFAULT_PREALIGN if value is None else str(value)
 
 
 def nearly_aligned(
@@ -109,26 +116,44 @@ def network_pass(
     return place.image_back(out.fused.float()).clamp(0, 1), place.flow_back(out.flow)
 
 
-def prealign_flows(moving: np.ndarray, fixed: np.ndarray, kind: str) -> Tensor | None:
-    """Classical (SimpleITK) registration of each moving slice to its fixed slice, or None."""
+class Prealigned(NamedTuple):
+    """The classical pre-alignment of a batch of slices, (N, 2, H, W) flows in pixels: `judged`, the
+    rigid step, which the nearly-aligned rules and the similarity guard decide on, and `applied`,
+    what a slice they accept is warped by (the same rigid flow, or its affine refinement)."""
+
+    judged: Tensor
+    applied: Tensor
+
+
+def prealign_flows(moving: np.ndarray, fixed: np.ndarray, kind: str) -> Prealigned | None:
+    """Classical (SimpleITK) registration of each moving slice to its fixed slice, or None.
+
+    An affine pre-alignment is judged by its rigid step: an affine fit moves a nearly aligned
+    functional slice further than a rigid one (scale and shear follow intensity differences), so
+    the rules decide on the rigid step and the affine refinement goes where they accept it
+    (design.md §5).
+    """
     if kind == "none":
         return None
-    from bsafuse.prealign import register_classical
+    from bsafuse.prealign import register_stages
 
-    flows = []
+    stages: list[tuple[np.ndarray, ...]] = []
     for k, (m, f) in enumerate(zip(moving, fixed, strict=True)):
+        still = np.zeros((2, *f.shape), np.float32)
         if float(m.std()) < 1e-6 or float(f.std()) < 1e-6:  # an empty slice has nothing to align
-            flows.append(np.zeros((2, *f.shape), np.float32))
+            stages.append((still, still))
             continue
         try:
-            flows.append(register_classical(m, f, kind=kind))  # type: ignore[arg-type]
+            flows = register_stages(m, f, kind=kind)  # type: ignore[arg-type]
         except InputError as exc:
             if len(moving) == 1:
                 raise
             # One slice of a volume (often a nearly empty end slice) need not stop the others.
             log.warning("slice %d: %s pre-alignment skipped (%s)", k, kind, exc)
-            flows.append(np.zeros((2, *f.shape), np.float32))
-    return torch.from_numpy(np.stack(flows).astype(np.float32))
+            flows = (still,)
+        stages.append((flows[0], flows[-1]))
+    judged, applied = (torch.from_numpy(np.stack(part)) for part in zip(*stages, strict=True))
+    return Prealigned(judged, applied)
 
 
 def as_numpy(x: Tensor) -> np.ndarray:

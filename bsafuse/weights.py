@@ -12,7 +12,8 @@ pickled code is refused instead of run::
 
     {"format": 1, "config": ModelConfig.to_dict(), "state_dict": {...},
      "bsafuse_version": "0.1.0", optional "epoch", "optimizer", "scheduler", "mu", "rng", "metrics",
-     "still_px" (the pipeline's STILL_PX for these weights; shipped checkpoints may carry it)}
+     "still_px", "prealign" (the pipeline's STILL_PX and default pre-alignment for these weights;
+     shipped checkpoints may carry them)}
 
 Torch is imported inside the functions that need it, so ``bsafuse weights list`` is instant.
 """
@@ -71,7 +72,7 @@ REGISTRY: dict[str, Checkpoint] = {
         Checkpoint("pet-mri-v1", "bsafuse-pet-mri-v1.pt", "1865a99f236e3d276d9dc3ab4e8ce197ed73e2583e7f37002b612dfd3b4b6012"),
         Checkpoint("spect-mri-v1", "bsafuse-spect-mri-v1.pt", "227424caf377c86226f6d60e3138cd2191d5433b1813a1d854a4c2fb9595fe3e"),
         Checkpoint("ct-mri-v2", "bsafuse-ct-mri-v2.pt", "fa2751f336c5356fa204232232a5403434d18949bab65eb01988f97735da22bb"),
-        Checkpoint("pet-mri-v2", "bsafuse-pet-mri-v2.pt", "aa0ca4ec3818cf519b73a7519b6ea8d78cd0880b574d22679793f69f683c8ba6"),
+        Checkpoint("pet-mri-v2", "bsafuse-pet-mri-v2.pt", "f28fe0a9c0768ee91b4c489735b7468a1fbbb5c62354b505fa1a5d659975e70f"),
         Checkpoint("spect-mri-v2", "bsafuse-spect-mri-v2.pt", "3c9bb4bcbd19158e385bd36f05b67f0cd3f2d2e3770c42c5f036f6a3634cc413"),
     )
 }
@@ -322,18 +323,20 @@ def load_checkpoint(
 
 
 def export_checkpoint(
-    source: str | os.PathLike[str], output: str | os.PathLike[str], *, half: bool = False, still_px: float | None = None
-) -> str:
-    """Write a checkpoint for sharing (config, weights, epoch, metrics and the source's still_px; no
-    optimiser or training state), fp16 weights with `half`; returns its sha256, the value to
-    register beside it. `still_px` sets the pipeline's STILL_PX for these weights (design.md §5)."""
+    source: str | os.PathLike[str], output: str | os.PathLike[str], *, half: bool = False,
+    still_px: float | None = None, prealign: str | None = None,
+) -> str:  # fmt: skip
+    """Write a checkpoint for sharing (config, weights, epoch, metrics and the source's calibration;
+    no optimiser or training state), fp16 weights with `half`; returns its sha256, the value to
+    register beside it. `still_px` and `prealign` set the pipeline's STILL_PX and default
+    pre-alignment for these weights (design.md §5)."""
     source, output = Path(source), Path(output)
     if output.resolve() == source.resolve():
         raise WeightsError(f"{output} is the input checkpoint; write the export to another file")
     data = read_checkpoint(source)
-    if still_px is not None:
-        data["still_px"] = still_px  # checked when load_checkpoint builds the model below
-    kept = {k: data[k] for k in ("epoch", "metrics", "still_px") if data.get(k) is not None}
+    calibration = {"still_px": still_px, "prealign": prealign}
+    data.update({k: v for k, v in calibration.items() if v is not None})  # checked by load_checkpoint below
+    kept = {k: data[k] for k in ("epoch", "metrics", *calibration) if data.get(k) is not None}
     save_checkpoint(output, load_checkpoint(data), half=half, **kept)
     return sha256_of(output)
 

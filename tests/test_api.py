@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -20,6 +21,7 @@ from bsafuse.errors import InputError, WeightsError
 from bsafuse.io.color import rgb_to_ycbcr
 from bsafuse.loading import Provenance
 from bsafuse.metrics import normalised_mutual_information as nmi
+from bsafuse.registration_steps import Prealigned
 from bsafuse.warp import warp
 
 
@@ -135,6 +137,38 @@ def test_the_still_threshold_is_the_one_the_weights_were_calibrated_with() -> No
     assert asked.prealign_skipped == (0,)
 
 
+def test_the_weights_choose_the_pre_alignment_and_an_affine_one_is_judged_by_its_rigid_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+
+    def planted(rigid_px: float, affine_px: float) -> Callable[..., Prealigned]:
+        """Stands in for SimpleITK: its rigid step moves rigid_px along x, the affine one affine_px."""
+
+        def flows(moving: np.ndarray, fixed: np.ndarray, kind: str) -> Prealigned:
+            asked.append(kind)
+            judged, applied = torch.zeros(2, 1, 2, 128, 128)
+            judged[:, 0], applied[:, 0] = rigid_px, rigid_px if kind == "rigid" else affine_px
+            return Prealigned(judged, applied)
+
+        return flows
+
+    moving, fixed = phantom(128, 128, shift=8.5), phantom(128, 128)
+    model = PlantedModel((0.0, 0.0), 128)
+    model.prealign = "affine"  # what a checkpoint's "prealign" entry sets
+    monkeypatch.setattr("bsafuse.api.prealign_flows", planted(8.0, 8.5))
+    refined = fuse(moving, fixed, model, guard=False)
+    assert asked == ["affine"] and refined.prealign == "affine"
+    assert float(refined.flow[0].mean()) == pytest.approx(8.5)  # the affine refinement is applied
+    asked_for = fuse(moving, fixed, model, prealign="rigid", guard=False)  # the caller's choice wins
+    assert asked[-1] == "rigid" and float(asked_for.flow[0].mean()) == pytest.approx(8.0)
+    # an affine fit that moves a nearly aligned pair far (scale and shear chasing intensities): its
+    # rigid step, 1 px (under NEAR_ALIGNED_PX), decides, and nothing is applied
+    monkeypatch.setattr("bsafuse.api.prealign_flows", planted(1.0, 9.0))
+    near = fuse(fixed, fixed, model, guard=False)
+    assert near.prealign_skipped == (0,) and float(np.abs(near.flow).max()) == 0.0
+
+
 def test_a_volume_mixes_slices_the_network_registers_alone_and_pre_aligned_ones() -> None:
     # slice 0 is 3 px off (inside the trained motion, and the network sees none), slice 1 is 8 px off
     moving = np.stack([phantom(128, 128, shift=3), phantom(128, 128, shift=8)])
@@ -153,7 +187,7 @@ def test_guard_declines_a_pre_alignment_that_leaves_the_pair_less_similar(
     # an aligned pair and a pre-alignment gone wrong (12 px off, far beyond the nearly-aligned rules)
     wrong = torch.zeros(1, 2, 128, 128)
     wrong[:, 0] = 12.0
-    monkeypatch.setattr("bsafuse.api.prealign_flows", lambda *args: wrong.clone())
+    monkeypatch.setattr("bsafuse.api.prealign_flows", lambda *args: Prealigned(wrong.clone(), wrong.clone()))
     aligned = phantom(128, 128)
     declined = fuse(aligned, aligned, PlantedModel((0.0, 0.0), 128))
     assert declined.prealign_skipped == (0,) and float(np.abs(declined.flow).max()) == 0.0
@@ -166,7 +200,7 @@ def test_guard_declines_a_pre_alignment_the_images_give_no_evidence_for(monkeypa
     # similar (NMI +0.001): a flat optimum, like a top-of-head PET slice's, not evidence of motion.
     move = torch.zeros(1, 2, 128, 128)
     move[:, 0] = 12.0
-    monkeypatch.setattr("bsafuse.api.prealign_flows", lambda *args: move.clone())
+    monkeypatch.setattr("bsafuse.api.prealign_flows", lambda *args: Prealigned(move.clone(), move.clone()))
     fixed, barely = phantom(128, 128), phantom(128, 128, shift=6.02)
     before = torch.from_numpy(barely)[None, None]
     gain = nmi(warp(before, move)[0, 0].numpy(), fixed) - nmi(barely, fixed)

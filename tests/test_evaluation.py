@@ -65,14 +65,15 @@ def run(data_dir: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("eval")
     calls = []
 
-    def planted(moving: np.ndarray, fixed: np.ndarray, *, kind: str = "affine") -> np.ndarray:
+    def planted(moving: np.ndarray, fixed: np.ndarray, *, kind: str = "affine", **_: object) -> tuple[np.ndarray, ...]:
+        """Stands in for every SimpleITK registration: the planted flow after each stage up to `kind`."""
         calls.append(kind)
         flow = np.zeros((2, *fixed.shape), np.float32)
         flow[0], flow[1] = PLANTED
-        return flow
+        return (flow,) * (("rigid", "affine", "bspline").index(kind) + 1)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("bsafuse.prealign.register_classical", planted)
+        mp.setattr("bsafuse.prealign.register_stages", planted)
         report = run_protocol(
             data_dir, weights=tiny_checkpoint, methods=METHODS, seed=0, device="cpu", save_images=out
         )

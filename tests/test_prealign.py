@@ -114,6 +114,16 @@ def test_same_inputs_same_flow_and_identity_stays(mri: np.ndarray) -> None:
     assert np.abs(still).max() < 0.1
 
 
+def test_the_stages_of_one_registration_are_the_kinds_before_it(mri: np.ndarray) -> None:
+    # the pipeline judges an affine pre-alignment by its rigid step: both come from one registration
+    deformed, _, _ = plant(mri, DeformParams(rotate_deg=6, translate_px=6, scale=0.05, elastic_px=0), seed=1)
+    rigid, affine = prealign.register_stages(deformed, mri, kind="affine")
+    assert np.array_equal(rigid, register_classical(deformed, mri, kind="rigid"))
+    assert np.array_equal(affine, register_classical(deformed, mri, kind="affine"))
+    assert np.abs(affine - rigid).mean() > 0.5  # the scale is the affine step's to find
+    assert len(prealign.register_stages(deformed, mri, kind="rigid")) == 1
+
+
 def test_bspline_across_modalities_is_reproducible(harvard: Path) -> None:
     """ITK's threaded sums vary in order; the chaotic B-spline stage must still repeat exactly."""
     ct, mri = (
@@ -163,7 +173,7 @@ def test_itk_failures_become_one_clear_input_error(monkeypatch: pytest.MonkeyPat
             "ITK ERROR: All samples map outside moving image buffer."
         )
 
-    monkeypatch.setattr(prealign, "_linear", fail)
+    monkeypatch.setattr(prealign, "_rigid", fail)
     with pytest.raises(
         InputError, match=r"^affine registration with SimpleITK failed: ITK ERROR: All samples map"
     ):

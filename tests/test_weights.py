@@ -283,8 +283,35 @@ def test_still_px_is_a_calibration_of_exported_weights_not_of_training(tmp_path:
     assert not (tmp_path / "y.pt").exists()
 
 
-def test_the_shipped_pet_weights_carry_their_own_still_threshold() -> None:
+def test_the_default_pre_alignment_is_a_calibration_of_exported_weights(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    assert weights.load_checkpoint(tiny_checkpoint).prealign is None  # none stored: DEFAULT_PREALIGN
+    calibrated = tmp_path / "calibrated.pt"
+    result = CliRunner().invoke(
+        app, ["weights", "export", str(tiny_checkpoint), "-o", str(calibrated), "--prealign", "affine", "--still-px", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    model = weights.load_checkpoint(calibrated)
+    assert (model.prealign, model.still_px) == ("affine", 1.0)
+    again = tmp_path / "again.pt"  # a re-export keeps it; another value replaces it
+    weights.export_checkpoint(calibrated, again, prealign="rigid")
+    assert (weights.load_checkpoint(again).prealign, weights.load_checkpoint(again).still_px) == ("rigid", 1.0)
+    weights.save_checkpoint(tmp_path / "run.pt", model, epoch=1)  # training saves no calibration
+    assert "prealign" not in weights.read_checkpoint(tmp_path / "run.pt")
+    refused = CliRunner().invoke(
+        app, ["weights", "export", str(tiny_checkpoint), "-o", str(tmp_path / "x.pt"), "--prealign", "bspline"]
+    )
+    assert refused.exit_code != 0 and not (tmp_path / "x.pt").exists()
+    with pytest.raises(WeightsError, match="prealign must be one of none, rigid, affine"):
+        weights.export_checkpoint(tiny_checkpoint, tmp_path / "y.pt", prealign="bspline")
+    assert not (tmp_path / "y.pt").exists()
+
+
+def test_the_shipped_pet_weights_carry_their_own_calibration() -> None:
     # PET round 6 reports less motion on moved PET slices than the networks the default was chosen on
     assert weights.load_checkpoint(weights.resolve("pet-mri-v2")).still_px == 1.0
+    # and its own pre-alignment: rigid, then affine (PET's default deformation 5.01 -> 4.55 px)
+    assert weights.load_checkpoint(weights.resolve("pet-mri-v2")).prealign == "affine"
+    assert weights.load_checkpoint(weights.resolve("ct-mri-v2")).prealign is None
+    assert weights.load_checkpoint(weights.resolve("spect-mri-v2")).prealign is None
     assert weights.load_checkpoint(weights.resolve("ct-mri-v2")).still_px is None
     assert weights.load_checkpoint(weights.resolve("spect-mri-v2")).still_px is None

@@ -75,7 +75,9 @@ Prealign = Annotated[
     typer.Option(
         "--prealign",
         help="Classical pre-registration (SimpleITK, mutual information) before the network, which "
-        "then corrects what remains. Default: rigid. none: the network alone. A pre-alignment that "
+        "then corrects what remains. Default: the one the weights were calibrated with (pet-mri-v2: "
+        "affine), else rigid. none: the network alone. affine refines the rigid result and is judged by "
+        "its rigid step. A pre-alignment that "
         f"would move the pair by under {choices.NEAR_ALIGNED_PX:g} px (at {choices.REFERENCE_SIZE} px), or under "
         f"{choices.TRAINED_MOTION_PX:g} px where the network alone finds under {choices.STILL_PX:g} px of motion "
         "(or the value the weights were calibrated with; pet-mri-v2: 1 px), "

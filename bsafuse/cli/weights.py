@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from bsafuse.choices import Prealign
 from bsafuse.cli._common import err, fail, flag, handle_errors, print_json
 
 SHORT = "List, locate and verify pretrained checkpoints."
@@ -102,8 +103,18 @@ def export(
             show_default=False,
         ),
     ] = None,
+    prealign: Annotated[
+        Prealign | None,
+        typer.Option(
+            "--prealign",
+            help="The pre-alignment `fuse` and `register` run with these weights unless told otherwise "
+            "(default: the checkpoint's value, else rigid).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Write a checkpoint for sharing: the model config, weights and --still-px; no optimizer or training state.
+    """Write a checkpoint for sharing: the model config, weights, --still-px and --prealign; no optimizer
+    or training state.
 
     Prints the file's sha256 (stdout), the value to register or publish beside it.
     """
@@ -111,6 +122,6 @@ def export(
 
     if still_px is not None and not still_px > 0:
         fail(f"--still-px must be a positive number of pixels (at 256 px), got {still_px:g}")
-    digest = weights.export_checkpoint(checkpoint, output, half=half, still_px=still_px)
+    digest = weights.export_checkpoint(checkpoint, output, half=half, still_px=still_px, prealign=prealign)
     err.print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
     print(digest)

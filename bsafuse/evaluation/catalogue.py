@@ -5,7 +5,8 @@ from __future__ import annotations
 from bsafuse.choices import NEAR_ALIGNED_PX, STILL_PX, TRAINED_MOTION_PX
 
 METHODS: dict[str, str] = {
-    "bsafuse": "the default pipeline (fuse): rigid pre-alignment unless it would move the pair under "
+    "bsafuse": "the default pipeline (fuse): the weights' own pre-alignment (rigid; pet-mri-v2: rigid "
+    "refined as an affine, judged by its rigid step) unless it would move the pair under "
     f"{NEAR_ALIGNED_PX:g} px (or under {TRAINED_MOTION_PX:g} px where the network alone finds under "
     f"{STILL_PX:g} px, or the weights' own calibration), or the images give no evidence for the move "
     "(guard), then the network registers and fuses",

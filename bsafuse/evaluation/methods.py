@@ -107,7 +107,7 @@ class MethodRunner:
         fixed: np.ndarray,
         *,
         register: bool,
-        prealign: str = "none",
+        prealign: str | None = "none",
         always_prealign: bool = False,
     ) -> Any:
         from bsafuse.api import fuse
@@ -130,9 +130,7 @@ class MethodRunner:
         return self._classical[1]
 
     def _bsafuse(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        from bsafuse.choices import DEFAULT_PREALIGN
-
-        result = self._fuse(case.moving, case.fixed, register=True, prealign=DEFAULT_PREALIGN)
+        result = self._fuse(case.moving, case.fixed, register=True, prealign=None)  # the weights' own
         return result.fused, result.flow, result.warped
 
     def _network(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bsafuse._checks import check_shape
+from bsafuse.choices import PREALIGN_KINDS
 from bsafuse.config import ModelConfig
 from bsafuse.model.align import BidirectionalAlignment
 from bsafuse.model.encoder import (
@@ -82,6 +83,9 @@ class BSAFusion(nn.Module):
         # entry; None: the default, choices.STILL_PX. A calibration of trained weights, so a model
         # fine-tuned from them starts without it (`bsafuse weights export --still-px` sets it).
         self.still_px: float | None = None
+        # The pre-alignment these weights were calibrated with, from the checkpoint's "prealign"
+        # entry (`bsafuse weights export --prealign`); None: choices.DEFAULT_PREALIGN.
+        self.prealign: str | None = None
         # NHWC weights: convolutions run without layout round trips (model/speed.py)
         self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (stubs lack it)
 
@@ -190,6 +194,7 @@ class BSAFusion(nn.Module):
         if problems:
             raise ValueError(f"the checkpoint's state dict does not fit its config: {'; '.join(problems)}")
         model.still_px = checked_still_px(checkpoint.get("still_px"))
+        model.prealign = checked_prealign(checkpoint.get("prealign"))
         return model
 
 
@@ -200,6 +205,15 @@ def checked_still_px(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"the checkpoint's still_px must be a positive number of pixels, got {value!r}")
     return float(value)
+
+
+def checked_prealign(value: Any) -> str | None:
+    """A checkpoint's "prealign" entry: None, or one of choices.PREALIGN_KINDS."""
+    if value is None:
+        return None
+    if value not in PREALIGN_KINDS:
+        raise ValueError(f"the checkpoint's prealign must be one of {', '.join(PREALIGN_KINDS)}, got {value!r}")
+    return str(value)
 
 
 def keep_fixed_outside(fused: Tensor, fixed: Tensor, valid: Tensor) -> Tensor:
