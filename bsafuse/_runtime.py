@@ -12,7 +12,14 @@ Two settings, both measured on 2-core machines (benchmarks/README.md):
   processes each run their own OpenMP threads on one CPU (torchrun), spinning threads steal the
   cores the busy ones need, and PASSIVE is the choice. So: ACTIVE, PASSIVE under torchrun with
   several processes. OpenMP reads it once, when torch loads, so it must be set before
-  ``import torch``; a user setting is kept.
+  ``import torch``; a user setting is kept. With ACTIVE, GNU OpenMP (torch's on Linux) spins
+  without end, so between two network passes its idle threads hold the cores that the
+  pre-alignment's SimpleITK threads need; ``GOMP_SPINCOUNT`` (SPIN_COUNT turns of the wait loop)
+  lets them sleep once torch has been idle that long. Measured 2026-12-07 on a 2-core machine
+  (`benchmarks/bench_prealign.py`, the rigid starts in two threads against one): 1.18-1.45 x
+  faster with the endless spin, 1.41-1.86 x with SPIN_COUNT (two runs); the network's own speed showed no
+  difference beyond the runs' spread (`bench_fuse.py --only optimised`, paper and small, batch 1
+  and 8, the two settings in alternating processes, two runs each).
 - glibc ``malloc`` keeps large blocks: blocks over 32 MiB (a 256 x 256 feature map of 64
   channels for two images is 33.5 MiB) are otherwise mmap-ed fresh and unmapped on free, and
   every new block page-faults in at about 4 GB/s, which made a batch-8 forward pass ~30 % and a
@@ -37,21 +44,25 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 1 << 30  # bytes of free memory kept at the top of the heap before trimming
+SPIN_COUNT = "10000000"  # GOMP_SPINCOUNT with ACTIVE: idle OpenMP threads sleep after this many turns
 
 
 def tune_process(*, omp: bool = True, malloc: bool = True, shared_cores: bool | None = None) -> dict[str, Any]:
     """Apply the settings above where they can still take effect; returns what was applied.
 
     `omp`: set OMP_WAIT_POLICY unless the variable is set or torch is already loaded: PASSIVE when
-    `shared_cores` (default: under torchrun with several processes), else ACTIVE.
+    `shared_cores` (default: under torchrun with several processes), else ACTIVE, with
+    GOMP_SPINCOUNT = SPIN_COUNT unless that is set.
     `malloc`: glibc only (Linux); elsewhere nothing happens. Also skipped when the environment
     variable BSAFUSE_NO_MALLOC_TUNING is set (to compare, or if another allocator is preloaded).
     """
-    applied: dict[str, Any] = {"omp_wait_policy": None, "malloc": False}
+    applied: dict[str, Any] = {"omp_wait_policy": None, "gomp_spincount": None, "malloc": False}
     if shared_cores is None:
         shared_cores = os.environ.get("WORLD_SIZE", "1") not in ("", "1")
     if omp and "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
         os.environ["OMP_WAIT_POLICY"] = applied["omp_wait_policy"] = "PASSIVE" if shared_cores else "ACTIVE"
+        if not shared_cores and "GOMP_SPINCOUNT" not in os.environ:
+            os.environ["GOMP_SPINCOUNT"] = applied["gomp_spincount"] = SPIN_COUNT
     if malloc and not os.environ.get("BSAFUSE_NO_MALLOC_TUNING"):
         applied["malloc"] = _keep_large_blocks()
     return applied

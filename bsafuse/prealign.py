@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -86,11 +87,12 @@ def _foreground(fixed: sitk.Image) -> sitk.Image | None:
 
 
 class _Setup:
-    """What every registration of one pair shares: images, mask, pyramid, metric sampling."""
+    """What every registration of one pair shares: images, mask, pyramid, metric sampling, and the
+    threads that independent optimisations may run in."""
 
-    def __init__(self, moving: sitk.Image, fixed: sitk.Image, *, sampling: float, seed: int) -> None:
+    def __init__(self, moving: sitk.Image, fixed: sitk.Image, *, sampling: float, seed: int, workers: int) -> None:
         self.moving, self.fixed, self.mask = moving, fixed, _foreground(fixed)
-        self.sampling, self.seed = sampling, seed
+        self.sampling, self.seed, self.workers = sampling, seed, workers
         size = min(fixed.GetSize())
         self.levels = [level for level in PYRAMID if size // level[0] >= MIN_LEVEL_SIZE] or [PYRAMID[-1]]
 
@@ -124,6 +126,18 @@ class _Setup:
         method.Execute(self.fixed, self.moving)
         return transform, method.GetMetricValue()
 
+    def optimise_each(
+        self, starts: Sequence[T], levels: list[tuple[int, float]], iterations: int
+    ) -> list[tuple[T, float]]:
+        """`optimise` from each start, in order; up to `workers` at a time (SimpleITK releases the
+        GIL while it registers, and each optimisation is single-threaded and deterministic, so the
+        results do not depend on the threads)."""
+        workers = min(self.workers, len(starts))
+        if workers <= 1:
+            return [self.optimise(start, levels, iterations) for start in starts]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda start: self.optimise(start, levels, iterations), starts))
+
 
 def _rigid(setup: _Setup, iterations: int) -> sitk.Euler2DTransform:
     """Rigid (Euler): several starts at the coarsest level, the best few refined, the best kept.
@@ -150,10 +164,10 @@ def _rigid(setup: _Setup, iterations: int) -> sitk.Euler2DTransform:
             start = sitk.Euler2DTransform(centred)
             start.SetAngle(math.radians(degrees))
             starts.append(start)
-    coarse = sorted((setup.optimise(start, setup.levels[:1], iterations) for start in starts), key=lambda p: p[1])
+    coarse = sorted(setup.optimise_each(starts, setup.levels[:1], iterations), key=lambda p: p[1])
     if len(setup.levels) == 1:
         return coarse[0][0]
-    refined = [setup.optimise(transform, setup.levels[1:], iterations) for transform, _ in coarse[:REFINED]]
+    refined = setup.optimise_each([transform for transform, _ in coarse[:REFINED]], setup.levels[1:], iterations)
     best, _ = min(refined, key=lambda pair: pair[1])  # metric: lower is better
     return best
 
@@ -196,6 +210,7 @@ def register_classical(
     iterations: int = 100,
     bspline_iterations: int = 30,
     bspline_mesh: int = BSPLINE_MESH,
+    workers: int = 1,
 ) -> np.ndarray:
     """Register `moving` onto `fixed` with SimpleITK; return the flow in bsafuse's convention.
 
@@ -211,6 +226,7 @@ def register_classical(
         bspline_mesh: B-spline control-mesh cells per side. Across modalities a free-form stage
             tends to chase intensity differences (measured: it raises the affine end-point error),
             a coarser mesh less so; within one modality 8 recovers elastic warps well.
+        workers: threads for the rigid step's independent starts (the flow does not depend on it).
 
     Returns:
         (2, H, W) float32 flow in pixels (channel 0 = x): ``warp(moving, flow)`` lies on `fixed`.
@@ -227,6 +243,7 @@ def register_classical(
         iterations=iterations,
         bspline_iterations=bspline_iterations,
         bspline_mesh=bspline_mesh,
+        workers=workers,
     )[-1]
 
 
@@ -240,6 +257,7 @@ def register_stages(
     iterations: int = 100,
     bspline_iterations: int = 30,
     bspline_mesh: int = BSPLINE_MESH,
+    workers: int = 1,
 ) -> tuple[np.ndarray, ...]:
     """`register_classical`, returning the flow after each stage up to `kind`: (rigid,), (rigid,
     affine) or (rigid, affine, bspline), each computed from the one before (one registration)."""
@@ -255,7 +273,7 @@ def register_stages(
             f"moving image is {np.shape(moving)} but fixed image is {np.shape(fixed)}; "
             "resample the moving image onto the fixed grid first"
         )
-    setup = _Setup(moving_image, fixed_image, sampling=sampling, seed=seed)
+    setup = _Setup(moving_image, fixed_image, sampling=sampling, seed=seed, workers=max(1, workers))
     stages = KINDS[: KINDS.index(kind) + 1]
     try:
         with _single_thread():

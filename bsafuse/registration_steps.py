@@ -144,7 +144,7 @@ def prealign_flows(moving: np.ndarray, fixed: np.ndarray, kind: str) -> Prealign
             stages.append((still, still))
             continue
         try:
-            flows = register_stages(m, f, kind=kind)  # type: ignore[arg-type]
+            flows = register_stages(m, f, kind=kind, workers=torch.get_num_threads())  # type: ignore[arg-type]
         except InputError as exc:
             if len(moving) == 1:
                 raise

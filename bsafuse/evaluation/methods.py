@@ -126,7 +126,8 @@ class MethodRunner:
         if self._classical is None or self._classical[0] != case.name:
             from bsafuse.prealign import register_classical
 
-            self._classical = (case.name, register_classical(case.moving, case.fixed, kind="bspline"))
+            flow = register_classical(case.moving, case.fixed, kind="bspline", workers=torch.get_num_threads())
+            self._classical = (case.name, flow)
         return self._classical[1]
 
     def _bsafuse(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
