@@ -81,8 +81,8 @@ class Runner:
     ignore_geometry: bool = False  # centre the moving image on the fixed one (api.fuse)
     _models: dict[str, BSAFusion] = field(default_factory=dict)
     _used: dict[int, str] = field(default_factory=dict)  # job index -> weights used
-    # job index -> (fallback_slices, prealign_skipped) of its FuseResult
-    _slices: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    # job index -> (fallback_slices, prealign_skipped, prealign) of its FuseResult
+    _slices: dict[int, tuple[list[int], list[int], str]] = field(default_factory=dict)
     _rank: int = 0
 
     def run(
@@ -216,7 +216,7 @@ class Runner:
             progress=step,
             ignore_geometry=self.ignore_geometry,
         )
-        self._slices[job.index] = (list(res.fallback_slices), list(res.prealign_skipped))
+        self._slices[job.index] = (list(res.fallback_slices), list(res.prealign_skipped), res.prealign)
         return res, loaded
 
     def _write(self, job: _Job, computed: tuple[FuseResult, _Loaded]) -> None:
@@ -233,7 +233,7 @@ class Runner:
         index: int,
     ) -> PairOutcome:
         """The outcome of job `index`, with what its computation recorded (weights, fallback)."""
-        used, (fallback, skipped) = self._used.pop(index, None), self._slices.pop(index, ([], []))
+        used, recorded = self._used.pop(index, None), self._slices.pop(index, None)
         if isinstance(error, (WeightsError, DeviceError)):
             raise error  # no other pair can escape these: stop the run
         if isinstance(error, OSError):  # a full disk or an unwritable folder stops this pair, not the run
@@ -241,7 +241,10 @@ class Runner:
             return PairOutcome(moving, fixed, outputs.main, "failed", message, seconds, used, self._rank)
         if error is not None:
             return PairOutcome(moving, fixed, outputs.main, "failed", str(error), seconds, used, self._rank)
-        return PairOutcome(moving, fixed, outputs.main, "ok", None, seconds, used, self._rank, fallback, skipped)
+        fallback, skipped, prealign = recorded or ([], [], None)
+        return PairOutcome(
+            moving, fixed, outputs.main, "ok", None, seconds, used, self._rank, fallback, skipped, prealign
+        )
 
     def _model_for(self, moving: MedicalImage) -> tuple[BSAFusion, str]:
         """The model for this moving image (one load per checkpoint) and how reports name it."""

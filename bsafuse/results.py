@@ -69,6 +69,8 @@ class PairOutcome:
     # Slices registered by the network alone, the pre-alignment not applied to them
     # (FuseResult.prealign_skipped).
     prealign_skipped_slices: list[int] = field(default_factory=list)
+    # The pre-alignment the pipeline ran: --prealign, else the weights' own (FuseResult.prealign).
+    prealign: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (paths as strings): what --json prints and torchrun ranks exchange."""

@@ -94,6 +94,16 @@ def test_json_summary_is_the_only_stdout(tmp_path: Path, tiny_checkpoint: Path) 
     assert summary["pairs"][0]["status"] == "ok"
 
 
+def test_json_names_the_pre_alignment_that_ran(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    calibrated = tmp_path / "affine.pt"  # weights that carry their own pre-alignment
+    weights.export_checkpoint(tiny_checkpoint, calibrated, prealign="affine")
+    own = fuse(CT / "20011.png", MRI / "20011.png", tmp_path / "a.png", calibrated, "--json")
+    assert own.exit_code == 0, own.output
+    assert json.loads(own.stdout)["pairs"][0]["prealign"] == "affine"
+    asked = fuse(CT / "20011.png", MRI / "20011.png", tmp_path / "n.png", calibrated, "--json", "--prealign", "none")
+    assert json.loads(asked.stdout)["pairs"][0]["prealign"] == "none"  # the user's choice wins
+
+
 @pytest.mark.slow
 def test_colour_moving_gives_colour_output(tmp_path: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "fused.png"

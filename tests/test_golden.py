@@ -107,5 +107,6 @@ def test_fuse_without_weights_option_uses_the_shipped_ct_checkpoint(tmp_path: Pa
     summary = json.loads(result.stdout)
     assert summary["weights"] == [f"ct-mri-{VERSIONS[-1]}"]
     assert summary["pairs"][0]["prealign_skipped_slices"] == [0]  # an aligned atlas pair: not pre-aligned
+    assert summary["pairs"][0]["prealign"] == "rigid"  # ct-mri-v2 carries no pre-alignment of its own
     fused = np.asarray(read_image(out).pixels)
     assert fused.shape == (256, 256) and fused.std() > 0.05
