@@ -229,14 +229,17 @@ def _fuse_slices(
     mov_in = mov  # what the network registers: the pre-aligned slice where pre-alignment is applied
     pre: Tensor | None = None  # (N, 2, H, W): the pre-alignment applied
     if prealigned is not None:
-        judged, pre = prealigned
+        judged, applied = prealigned
         skipped, alone = nearly_aligned(
             judged, mov, fix, model, precision, near_aligned_px, trained_motion_px, still_px
         )
+        moved = warp(mov, judged.to(device))
         if guard:  # the pre-alignment must leave a pair clearly more similar than it was (design.md §5)
-            skipped |= less_similar(mov, warp(mov, judged.to(device)), fix, margin=MIN_PREALIGN_GAIN).cpu()
-        pre[skipped] = 0.0
-        mov_in = torch.where(skipped.to(device)[:, None, None, None], mov, warp(mov, pre.to(device)))
+            skipped |= less_similar(mov, moved, fix, margin=MIN_PREALIGN_GAIN).cpu()
+        if applied is not judged:  # an affine refinement
+            moved = warp(mov, applied.to(device))
+        pre = applied.masked_fill(skipped[:, None, None, None], 0.0)
+        mov_in = torch.where(skipped.to(device)[:, None, None, None], mov, moved)
     base = pre.to(device) if pre is not None else torch.zeros_like(fix).expand(-1, 2, -1, -1)
     fused_t, net_flow = network_reusing(model, mov_in, fix, precision, alone, skipped)
     flow = compose_flows(base, net_flow) if pre is not None else net_flow  # total, pixels

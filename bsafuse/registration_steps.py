@@ -119,7 +119,8 @@ def network_pass(
 class Prealigned(NamedTuple):
     """The classical pre-alignment of a batch of slices, (N, 2, H, W) flows in pixels: `judged`, the
     rigid step, which the nearly-aligned rules and the similarity guard decide on, and `applied`,
-    what a slice they accept is warped by (the same rigid flow, or its affine refinement)."""
+    what a slice they accept is warped by (the same tensor for a rigid pre-alignment, or its affine
+    refinement)."""
 
     judged: Tensor
     applied: Tensor
@@ -152,8 +153,10 @@ def prealign_flows(moving: np.ndarray, fixed: np.ndarray, kind: str) -> Prealign
             log.warning("slice %d: %s pre-alignment skipped (%s)", k, kind, exc)
             flows = (still,)
         stages.append((flows[0], flows[-1]))
-    judged, applied = (torch.from_numpy(np.stack(part)) for part in zip(*stages, strict=True))
-    return Prealigned(judged, applied)
+    judged = torch.from_numpy(np.stack([rigid for rigid, _ in stages]))
+    if kind == "rigid":
+        return Prealigned(judged, judged)  # one tensor: the slices are warped once
+    return Prealigned(judged, torch.from_numpy(np.stack([last for _, last in stages])))
 
 
 def as_numpy(x: Tensor) -> np.ndarray:
