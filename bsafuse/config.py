@@ -232,6 +232,9 @@ class LossWeights:
     # Not in the paper: a Q_AB/F term (metric_losses.qabf_loss = 1 - Q_AB/F, ~0.25 for a good PET fusion)
     # that asks the fused image to keep each source's edges in strength and orientation. 0: off.
     abf: float = 0.0
+    # Not in the paper: a Q_VIF term (metric_losses.vif_loss = 1 - Q_VIF, ~0.55 for a good PET fusion)
+    # that asks the fused image to keep each source's local contrast as information. 0: off.
+    vif: float = 0.0
     # Not in the paper: the share s of the aligned truth (the label) in what the fusion terms judge
     # the fused image against, (1 - s) W(A, phi) + s A. 0: the paper's W(A, phi). With the
     # registration frozen, 1 asks the fusion for what perfect alignment would have given, as the

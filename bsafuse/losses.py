@@ -20,7 +20,7 @@ from torch import Tensor
 from bsafuse._checks import check_same_size, check_shape
 from bsafuse.config import LossWeights
 from bsafuse.edges import fp32_scope, sobel
-from bsafuse.metric_losses import cv_loss, qabf_loss
+from bsafuse.metric_losses import cv_loss, qabf_loss, vif_loss
 from bsafuse.warp import resize_flow
 
 if TYPE_CHECKING:
@@ -30,9 +30,22 @@ SSIM_WINDOW = 11  # pixels, Gaussian window side (Wang et al. 2004, MONAI)
 SSIM_SIGMA = 1.5  # pixels
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers, for a data range of 1
 # The terms of L_total, each weighed by the LossWeights field of its name (total_loss sums them;
-# the training log has one column per term, in this order). "flow", "flow_scales", "cv" and "abf"
+# the training log has one column per term, in this order). "flow", "flow_scales", "cv", "abf" and "vif"
 # are present when their weights are.
-LOSS_TERMS = ("ce1", "ce2", "consis", "smooth", "struct", "inten", "grad", "flow", "flow_scales", "cv", "abf")
+LOSS_TERMS = (
+    "ce1",
+    "ce2",
+    "consis",
+    "smooth",
+    "struct",
+    "inten",
+    "grad",
+    "flow",
+    "flow_scales",
+    "cv",
+    "abf",
+    "vif",
+)
 SUMMARY_TERMS = ("total", "ssim_fused_moving", "ssim_fused_fixed")  # also returned by total_loss
 MODALITY_MOVING, MODALITY_FIXED = 1, 0  # class indices: CE(y_A, [0, 1]), CE(y_B, [1, 0]) (Eq. 1)
 
@@ -168,7 +181,8 @@ def total_loss(
     end-point term ``flow`` joins them (not in the paper; see LossWeights.flow); with
     ``weights.flow_scales > 0``, its counterpart at every BSFA step's scale ``flow_scales``
     (`step_endpoint_loss`); with ``weights.cv > 0``, the Q_CV term ``cv`` (`metric_losses.cv_loss`,
-    not in the paper either); with ``weights.abf > 0``, the Q_AB/F term ``abf`` (`metric_losses.qabf_loss`).
+    not in the paper either); with ``weights.abf > 0``, the Q_AB/F term ``abf`` (`metric_losses.qabf_loss`);
+    with ``weights.vif > 0``, the Q_VIF term ``vif`` (`metric_losses.vif_loss`).
     ``weights.label_target`` moves the fusion terms' target from ``out.warped`` towards `label`.
     """
     weights = weights or LossWeights()
@@ -207,6 +221,8 @@ def total_loss(
         terms["cv"] = cv_loss(out.fused, target, fixed)
     if weights.abf > 0:
         terms["abf"] = qabf_loss(out.fused, target, fixed)
+    if weights.vif > 0:
+        terms["vif"] = vif_loss(out.fused, target, fixed)
     loss = sum(getattr(weights, name) * terms[name] for name in LOSS_TERMS if name in terms)
     assert isinstance(loss, Tensor)
     terms = {name: value.detach() for name, value in terms.items()}

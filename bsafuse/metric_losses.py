@@ -1,8 +1,8 @@
-"""Fusion metrics as training terms (not in the paper; design.md §3): Q_CV and Q_AB/F on tensors.
+"""Fusion metrics as training terms (not in the paper; design.md §3): Q_CV, Q_AB/F and Q_VIF on tensors.
 
 Each is the metric of bsafuse.metrics.fusion computed with differentiable tensor operations on
 (N, 1, H, W) images in [0, 1], so that `losses.total_loss` can add it (`LossWeights.cv`,
-`LossWeights.abf`, both 0 by default). Float32 throughout, also under autocast.
+`LossWeights.abf`, `LossWeights.vif`, all 0 by default). Float32 throughout, also under autocast.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from bsafuse._checks import check_same_size
 from bsafuse.edges import fp32_scope, sobel_xy
+from bsafuse.metrics._filters import gaussian_taps
 from bsafuse.metrics.fusion import (
     CV_ALPHA,
     CV_BLOCK,
@@ -26,6 +27,9 @@ from bsafuse.metrics.fusion import (
     KAPPA_G,
     SIGMA_A,
     SIGMA_G,
+    VIF_EPS,
+    VIF_NOISE,
+    VIF_SCALE_WEIGHTS,
     mannos_sakrison,
 )
 
@@ -116,3 +120,64 @@ def qabf_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
             weighted = weighted + (q_strength * q_angle * strength).sum(dim=(1, 2, 3))
             total = total + strength.sum(dim=(1, 2, 3))
         return 1 - (weighted / total.clamp_min(torch.finfo(torch.float32).tiny)).mean()
+
+
+def vif_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
+    """1 - Q_VIF (Han, Cai, Cao & Xu 2013; metrics.fusion.q_vif) as a loss.
+
+    Not in the paper. The metric's steps on tensors, on 0-255 values: four scales of Gaussian
+    windows 17/9/5/3 with 'valid' filtering and decimation by 2; per window the gain and the noise
+    of F as a distorted copy of each source, with Sheikh & Bovik's fix-ups; per pixel the source
+    with the smaller gain; per sample the scales' weighted ratios of kept to available
+    information, then 1 - the batch mean. The metric's rounding to grey levels is left out: on
+    whole grey levels it equals 1 - q_vif (tested). Images of at least 41 x 41 pixels.
+    """
+    check_same_size(warped, fixed, names=("warped", "fixed"))
+    with fp32_scope(fused.device):
+        images = [255 * x.float() for x in (fused, warped, fixed)]
+        total = images[0].new_zeros(images[0].shape[0])
+        for scale in range(1, 5):
+            size = 2 ** (5 - scale) + 1
+            taps = torch.from_numpy(gaussian_taps(size, size / 5)).float().to(fused.device)
+            if scale > 1:
+                images = [_filter_valid(x, taps)[..., ::2, ::2] for x in images]
+            total = total + VIF_SCALE_WEIGHTS[scale - 1] * _vif_ratio(*images, taps=taps)
+        return 1 - (total / sum(VIF_SCALE_WEIGHTS)).mean()
+
+
+def _filter_valid(x: Tensor, taps: Tensor) -> Tensor:
+    """Separable 'valid' correlation of (N, C, H, W) maps with outer(taps, taps), per channel."""
+    c, n = x.shape[1], taps.numel()
+    x = F.conv2d(x, taps.view(1, 1, n, 1).expand(c, 1, n, 1), groups=c)
+    return F.conv2d(x, taps.view(1, 1, 1, n).expand(c, 1, 1, n), groups=c)
+
+
+def _vif_ratio(f: Tensor, a: Tensor, b: Tensor, *, taps: Tensor) -> Tensor:
+    """One scale of VIFF per sample: sum(VID + 1e-7) / sum(VIND + 1e-7) over the 'valid' map, (N,)."""
+    mu_f, ff = _filter_valid(torch.cat((f, f * f), dim=1), taps).unbind(1)
+    var_f = (ff - mu_f * mu_f).clamp_min(0)
+    info = []
+    for source in (a, b):
+        mu, moment, cross = _filter_valid(
+            torch.cat((source, source * source, source * f), dim=1), taps
+        ).unbind(1)
+        var = (moment - mu * mu).clamp_min(0)
+        cov = cross - mu * mu_f
+        gain = cov / (var + VIF_EPS)
+        noise = var_f - gain * cov
+        # Sheikh & Bovik's fix-ups, in the metric's order
+        flat = var < VIF_EPS
+        gain, noise = torch.where(flat, 0.0, gain), torch.where(flat, var_f, noise)
+        flat_f = var_f < VIF_EPS
+        gain, noise = torch.where(flat_f, 0.0, gain), torch.where(flat_f, 0.0, noise)
+        negative = gain < 0
+        gain, noise = torch.where(negative, 0.0, gain), torch.where(negative, var_f, noise)
+        noise = noise.clamp_min(VIF_EPS)
+        vid = torch.log10(1 + gain * gain * var / (noise + VIF_NOISE))
+        vind = torch.log10(1 + var / VIF_NOISE)
+        info.append((gain, vid, vind))
+    (gain_a, vid_a, vind_a), (gain_b, vid_b, vind_b) = info
+    use_a = gain_a < gain_b  # the less faithful source speaks; ties go to B
+    vid = torch.where(use_a, vid_a, vid_b)
+    vind = torch.where(use_a, vind_a, vind_b)
+    return (vid + 1e-7).sum(dim=(1, 2)) / (vind + 1e-7).sum(dim=(1, 2))

@@ -27,8 +27,8 @@ from bsafuse.losses import (
     transfer_loss,
     update_mu,
 )
-from bsafuse.metric_losses import cv_loss, qabf_loss
-from bsafuse.metrics.fusion import q_abf, q_cv
+from bsafuse.metric_losses import cv_loss, qabf_loss, vif_loss
+from bsafuse.metrics.fusion import q_abf, q_cv, q_vif
 from bsafuse.model import FusionOutput
 from bsafuse.warp import warp
 
@@ -304,11 +304,11 @@ def test_cv_loss_is_zero_on_the_only_salient_source_and_its_gradient_descends(
     assert 0 < after.item() < before.item()
 
 
-@pytest.mark.parametrize(("name", "term"), [("cv", cv_loss), ("abf", qabf_loss)])
+@pytest.mark.parametrize(("name", "term"), [("cv", cv_loss), ("abf", qabf_loss), ("vif", vif_loss)])
 def test_fusion_metric_term_joins_the_total_only_with_its_weight(
     generator: torch.Generator, name: str, term: Callable[..., torch.Tensor]
 ) -> None:
-    a, b = blobs(generator), blobs(generator)
+    a, b = blobs(generator, size=48), blobs(generator, size=48)  # Q_VIF needs 41 x 41
     out = fake_output((a + b) / 2, a)
     _, paper = total_loss(out, moving=a, fixed=b, label=a)
     assert name not in paper
@@ -342,6 +342,33 @@ def test_qabf_loss_floor_on_the_only_edged_source_and_its_gradient_descends(
     assert fused.grad is not None and torch.isfinite(fused.grad).all()
     after = qabf_loss(fused.detach() - 0.05 * fused.grad / fused.grad.abs().max(), a, flat)
     assert 1 - best < after.item() < before.item()
+
+
+# Q_VIF as a loss (not in the paper)
+
+
+def test_vif_loss_is_one_minus_q_vif(generator: torch.Generator) -> None:
+    for height, width in ((48, 48), (45, 52)):
+        a, b = grey_levels(generator, height, width) / 255, grey_levels(generator, height, width) / 255
+        for fused in ((a + b) / 2, torch.maximum(a, b), grey_levels(generator, height, width) / 255):
+            fused = torch.round(fused * 255) / 255  # whole grey levels, as the metric's inputs
+            expected = q_vif(*(255 * x[0, 0].double().numpy() for x in (fused, a, b)))
+            assert 0.01 < expected < 0.9
+            assert 1 - vif_loss(fused, a, b).item() == pytest.approx(expected, abs=1e-4)
+    a = grey_levels(generator) / 255
+    # F a perfect copy of both (equal) sources: gain 1 and no noise in every window, all kept
+    assert 1 - vif_loss(a, a, a).item() == pytest.approx(1.0, abs=1e-5)
+    assert 1 - vif_loss(a / 2, a, a).item() < 0.9  # half the contrast: information lost
+
+
+def test_vif_loss_gradient_keeps_more_of_the_sources(generator: torch.Generator) -> None:
+    a, b = blobs(generator, size=48), blobs(generator, size=48)
+    fused = (0.2 * (a + b) + 0.3).requires_grad_()  # both sources kept at a fifth of their contrast
+    before = vif_loss(fused, a, b)
+    before.backward()
+    assert fused.grad is not None and torch.isfinite(fused.grad).all()
+    after = vif_loss(fused.detach() - 0.05 * fused.grad / fused.grad.abs().max(), a, b)
+    assert after.item() < before.item()
 
 
 # End-point supervision at every BSFA step (not in the paper)
