@@ -141,7 +141,8 @@ def vif_loss(fused: Tensor, warped: Tensor, fixed: Tensor) -> Tensor:
             taps = torch.from_numpy(gaussian_taps(size, size / 5)).float().to(fused.device)
             if scale > 1:
                 images = [_filter_valid(x, taps)[..., ::2, ::2] for x in images]
-            total = total + VIF_SCALE_WEIGHTS[scale - 1] * _vif_ratio(*images, taps=taps)
+            if VIF_SCALE_WEIGHTS[scale - 1]:  # scale 2 does not count: its ratio is not computed
+                total = total + VIF_SCALE_WEIGHTS[scale - 1] * _vif_ratio(*images, taps=taps)
         return 1 - (total / sum(VIF_SCALE_WEIGHTS)).mean()
 
 
