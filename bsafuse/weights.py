@@ -73,7 +73,7 @@ REGISTRY: dict[str, Checkpoint] = {
         Checkpoint("spect-mri-v1", "bsafuse-spect-mri-v1.pt", "227424caf377c86226f6d60e3138cd2191d5433b1813a1d854a4c2fb9595fe3e"),
         Checkpoint("ct-mri-v2", "bsafuse-ct-mri-v2.pt", "fa2751f336c5356fa204232232a5403434d18949bab65eb01988f97735da22bb"),
         Checkpoint("pet-mri-v2", "bsafuse-pet-mri-v2.pt", "432d371c3ae837fdd3c0aea9df12ea078fa09730a330043fe2a20538dbb7a40f"),
-        Checkpoint("spect-mri-v2", "bsafuse-spect-mri-v2.pt", "3c9bb4bcbd19158e385bd36f05b67f0cd3f2d2e3770c42c5f036f6a3634cc413"),
+        Checkpoint("spect-mri-v2", "bsafuse-spect-mri-v2.pt", "4d1911b6d254aaffc7a6696d8a6e157c361a67b26961cdedac468564f5047f78"),
     )
 }
 # The unversioned names stand for the newest release of each pair type (what `auto` picks).
