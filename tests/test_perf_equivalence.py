@@ -138,6 +138,28 @@ def test_pointwise_conv_as_a_linear_map_keeps_nhwc_memory_and_gradients() -> Non
     assert max_error(grad, x.grad) <= 1e-5
 
 
+def test_pointwise_conv_at_inference_on_large_maps_runs_in_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a gradient, 8+ channels on 128 x 128+ pixels take oneDNN's NHWC 1x1 conv: the same
+    numbers as the conv, NHWC out; with a gradient, fewer channels or a smaller map, the pixel rows."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 3, 1)
+    x = channels_last(torch.randn(1, 8, 128, 128))
+    small = channels_last(torch.randn(1, 8, 64, 128))
+    calls: list[tuple[int, ...]] = []
+    linear = F.linear
+    monkeypatch.setattr(speed.F, "linear", lambda a, *rest: calls.append(tuple(a.shape)) or linear(a, *rest))
+    with torch.inference_mode():
+        out = speed.pointwise(x, conv)
+        assert calls == []  # oneDNN's conv, not the matrix product
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert max_error(out, conv(x)) <= 1e-6
+        speed.pointwise(x[:, :7], nn.Conv2d(7, 3, 1))  # 7 channels
+        speed.pointwise(small, conv)  # 8192 pixels
+    assert calls == [(1, 128 * 128, 7), (1, 64 * 128, 8)]
+    speed.pointwise(x.requires_grad_(True), conv)  # a gradient to keep in NHWC: the pixel rows
+    assert calls[-1] == (1, 128 * 128, 8)
+
+
 def test_gelu_over_pixel_rows_is_gelu_to_the_bit_in_both_directions() -> None:
     torch.manual_seed(0)
     x = channels_last(torch.randn(2, 6, 5, 7) * 3).requires_grad_(True)
