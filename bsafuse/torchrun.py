@@ -213,5 +213,7 @@ class ProcessGroup:
     def __enter__(self) -> ProcessGroup:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:  # every rank done: leave together (gloo aborted a rank that left mid-teardown)
+            self.barrier()
         self.close()
