@@ -236,16 +236,26 @@ def test_composed_convolutions_keep_the_border_exact(groups: int) -> None:
             assert torch.allclose(fast, expected, atol=1e-5), (grad, parts, tuple(image.shape))
 
 
-@pytest.mark.parametrize(("groups", "parts", "shape"), [(2, 2, (3, 9, 7)), (3, 1, (2, 1, 6)), (2, 1, (1, 5, 1))])
-def test_composed_convolutions_backward_for_few_channels_is_the_plain_gradient(
-    groups: int, parts: int, shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize(
+    ("channels", "groups", "parts", "shape"),
+    [(8, 2, 2, (3, 9, 7)), (8, 3, 1, (2, 1, 6)), (8, 2, 1, (1, 5, 1)), (4, 2, 2, (2, 2, 2))],
+)
+def test_composed_convolutions_own_backward_is_the_plain_gradient(
+    onednn: bool,
+    channels: int,
+    groups: int,
+    parts: int,
+    shape: tuple[int, int, int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The CPU backward pass of the composed convs (im2col weight gradient, flipped-kernel input
-    gradient, bias from the all-ones channel) gives the gradients of the two plain convs, also
-    when the samples are split over several products (a small COLUMN_BYTES) and at 1-pixel sizes."""
-    monkeypatch.setattr(composed_conv, "COLUMN_BYTES", 1)  # one sample per product
+    """The CPU backward pass of the composed convs gives the gradients of the two plain convs, at
+    1- and 2-pixel rows and columns too, both ways: oneDNN's on the real channels with the
+    all-ones channel from sums (AVX-512), and im2col products with the samples split over several
+    products (a small COLUMN_BYTES)."""
+    monkeypatch.setattr(composed_conv, "_onednn_backward", lambda: onednn)
+    monkeypatch.setattr(composed_conv, "COLUMN_BYTES", 1)  # im2col: one sample per product
     torch.manual_seed(0)
-    channels = composed_conv.MIN_CHANNELS
     pointwise = nn.Conv2d(channels, 4 * groups, 1)
     spatial = nn.Conv2d(4 * groups, 4 * groups, 3, padding=1, groups=groups)
     nn.init.uniform_(pointwise.bias, 1.0, 2.0)  # type: ignore[arg-type]
@@ -261,16 +271,30 @@ def test_composed_convolutions_backward_for_few_channels_is_the_plain_gradient(
         )
         return list(torch.autograd.grad((out * weights).sum(), [image, *params[1:]]))
 
-    calls = []
-    im2col = composed_conv._weight_gradient
-    monkeypatch.setattr(composed_conv, "_weight_gradient", lambda *a: calls.append(1) or im2col(*a))
+    calls: list[str] = []
+    for name in ("_onednn_gradients", "_im2col_gradients"):
+        real = getattr(composed_conv, name)
+        monkeypatch.setattr(composed_conv, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     fast_gradients = gradients(True)
-    assert calls == [1]  # the rewritten backward ran
+    own = composed_conv._own_backward(channels_last(x))
+    assert own == (onednn or channels >= 8)  # im2col's from 8 channels
+    assert calls == ([("_onednn_gradients" if onednn else "_im2col_gradients")] if own else [])
     for fast, plain in zip(fast_gradients, gradients(False), strict=True):
         assert fast.shape == plain.shape
         assert max_error(fast, plain) <= 1e-5 * max(1.0, plain.abs().max().item())
-    assert composed_conv._few_channel_backward(channels_last(x))
-    assert not composed_conv._few_channel_backward(x[:, : channels - 1])  # fewer channels: oneDNN's backward
+    assert not composed_conv._own_backward(x[:, :3])  # 3 channels: autograd's backward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not composed_conv._own_backward(x)  # autocast: autograd's backward
+
+
+def test_all_ones_channel_gradient_by_hand() -> None:
+    """2 x 3 output gradient of one channel: tap (0, 0) reads the pixel up and left, so only the
+    output pixel (1, 1) and (1, 2) have it in the image; the centre tap sees all six."""
+    grad = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]]).view(1, 1, 2, 3)
+    expected = torch.tensor([[16.0 + 32.0, 8.0 + 16.0 + 32.0, 8.0 + 16.0],
+                             [2.0 + 4.0 + 16.0 + 32.0, 63.0, 1.0 + 2.0 + 8.0 + 16.0],
+                             [2.0 + 4.0, 1.0 + 2.0 + 4.0, 1.0 + 2.0]])
+    assert torch.equal(composed_conv._ones_gradient(channels_last(grad))[0], expected)
 
 
 def test_instance_norm_as_group_norm_keeps_nhwc_memory() -> None:

@@ -10,12 +10,16 @@ like the rest, does the same for other kernel shapes and in training). The branc
 gated feed-forward run as one conv each, so each is contiguous in memory: GELU on a strided half
 of a 24- or 96-channel map took 5-10x as long as on a contiguous one.
 
-Training on a CPU, from 8 input channels up, the composed conv has a backward pass of its own
-(`_SameConv3x3`): oneDNN's took 4-5x the forward pass for NHWC inputs of 8-13 channels and 24-96
-outputs. The weight gradient is an im2col matrix product, the input gradient a forward conv with
-the flipped kernel (real channels only), the bias gradient the all-ones channel's centre tap.
-A GDFN's backward at full resolution (paper config, batch 2): 191-205 -> 138-156 ms on one core,
-98-107 -> 73-81 ms on two. Fewer channels keep oneDNN's backward.
+Training on a CPU, the composed conv has a backward pass of its own (`_SameConv3x3`), which
+leaves out the all-ones channel: autograd's backward of the conv on the stacked input had oneDNN
+work on 9-13 channels, 4-5x its forward pass on an AVX2 machine (2026-12-06). There the kernel
+gradient is an im2col matrix product and the input gradient a forward conv with the flipped
+kernel (real channels only): a GDFN's backward at full resolution (paper config, batch 2)
+191-205 -> 138-156 ms on one core. On AVX-512 CPUs oneDNN's backward of the conv on the real
+channels is the faster, the all-ones channel's kernel gradient then a few sums of the output
+gradient (`_ones_gradient`): a `paper` training step 1.03-1.05 x faster at batch 2, 1.05 x at
+batch 8, 1.03 x on one thread than with the im2col one (2026-12-08, old and new interleaved in
+one process), where with oneDNN held to AVX2 it was 0.95 x. Only the input is saved, either way.
 """
 
 from __future__ import annotations
@@ -65,9 +69,8 @@ def pointwise_then_spatial(
     c = x.shape[1]
     same = spatial.stride == (1, 1) and spatial.dilation == (1, 1) and spatial.padding == (1, 1)
     bias = spatial.bias if spatial.bias is not None else kernel.new_zeros(kernel.shape[0])
-    # training on a CPU from 8 channels up: the bias as an all-ones input channel, with a backward
-    # pass of its own (_SameConv3x3)
-    if same and spatial.kernel_size == (3, 3) and torch.is_grad_enabled() and _few_channel_backward(x):
+    # training on a CPU from 4 channels up: the bias as an all-ones channel, a backward pass of its own
+    if same and spatial.kernel_size == (3, 3) and torch.is_grad_enabled() and _own_backward(x):
         return _SameConv3x3.apply(channels_last(x), kernel, bias, parts)
     # the general form, one-pixel rows or columns, and other training (each in-place op of the
     # border fix would copy the whole gradient): the bias as an all-ones input channel
@@ -83,26 +86,26 @@ def pointwise_then_spatial(
     return tuple(outs)
 
 
-MIN_CHANNELS = 8  # from 3 channels (12 out) oneDNN's own backward was faster: 26 against 35 ms
-COLUMN_BYTES = 32 << 20  # the backward pass's scratch per chunk of samples (shifted rows, partial gradients)
+COLUMN_BYTES = 32 << 20  # the im2col backward's scratch per chunk of samples (shifted rows, partial gradients)
 
 
-def _few_channel_backward(x: Tensor) -> bool:
-    """Whether `_SameConv3x3` should run: float32 on a CPU, outside autocast."""
+def _onednn_backward() -> bool:
+    """Whether the composed convs' backward runs in oneDNN (AVX-512 CPUs) or as im2col products."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def _own_backward(x: Tensor) -> bool:
+    """Whether `_SameConv3x3` should run: float32 on a CPU, outside autocast, from 4 input channels
+    with oneDNN's backward and from 8 with im2col's; below that autograd's backward on the stacked
+    input was the faster (`paper`, AVX-512, batch 8, the 3-channel deep Restormer block: a step 0.96 x
+    with ours; the im2col one from 3 channels, AVX2: 26 against 35 ms)."""
     cpu = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    return cpu and x.shape[1] >= MIN_CHANNELS
+    return cpu and x.shape[1] >= (4 if _onednn_backward() else 8)
 
 
 class _SameConv3x3(torch.autograd.Function):
     """The composed 3x3 'same' convs of one input (its bias as an all-ones channel), one per part
-    of the kernel, with a backward pass for few input channels.
-
-    oneDNN's backward for a 3x3 conv from 9-13 NHWC channels to 32-96 took 4-5x its forward
-    (weight gradient 62-72 ms against a 15 ms forward, 2 x 13 -> 48 at 256 x 256, one core). Here
-    the weight gradient is the matrix product of the output gradient's pixel rows with the nine
-    shifted copies of the input's (im2col), and the input gradient a forward conv of the output
-    gradient with the flipped kernel, for the real channels only (the all-ones channel needs none);
-    both a few samples at a time (COLUMN_BYTES).
+    of the kernel, with a backward pass that leaves the all-ones channel to sums (module docstring).
     """
 
     @staticmethod
@@ -118,20 +121,68 @@ class _SameConv3x3(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         x, kernel = ctx.saved_tensors
         grads = tuple(channels_last(g) for g in grads)
-        grad_x = grad_kernel = grad_bias = None
-        if ctx.needs_input_grad[0]:  # correlation with the flipped kernel, real channels only
-            transposed = kernel[:, : x.shape[1]].flip(2, 3).transpose(0, 1)  # (C, O, 3, 3)
-            flipped = [channels_last(k) for k in transposed.chunk(ctx.parts, dim=1)]
-            grad_x = F.conv2d(grads[0], flipped[0], padding=1)  # (N, C, H, W)
-            step = _samples_per_chunk(grads[0])
-            for g, k in zip(grads[1:], flipped[1:], strict=True):  # other parts: a few samples at a time
-                for start in range(0, len(g), step):
-                    grad_x[start : start + step].add_(F.conv2d(g[start : start + step], k, padding=1))
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_kernel = _weight_gradient(x, grads, kernel.shape[0])
-            # the all-ones channel's centre tap sees every pixel: its gradient is the bias's
-            grad_bias = grad_kernel[:, -1, 1, 1].clone()
+        need_x, need_kernel = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        gradients = _onednn_gradients if _onednn_backward() else _im2col_gradients
+        grad_x, grad_kernel = gradients(x, kernel, grads, need_x=need_x, need_kernel=need_kernel)
+        # the all-ones channel's centre tap sees every pixel: its gradient is the bias's
+        grad_bias = grad_kernel[:, -1, 1, 1].clone() if grad_kernel is not None else None
         return grad_x, grad_kernel, grad_bias, None
+
+
+def _onednn_gradients(
+    x: Tensor, kernel: Tensor, grads: tuple[Tensor, ...], *, need_x: bool, need_kernel: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Input and kernel gradients of the composed conv (kernel (O, C + 1, 3, 3), its last input
+    channel all ones) from the output parts' gradients: oneDNN's conv backward on the real
+    channels, the all-ones channel's kernel gradient from sums (`_ones_gradient`)."""
+    c = x.shape[1]
+    grad_x: Tensor | None = None
+    kernel_parts = []
+    for grad, part in zip(grads, kernel.chunk(len(grads)), strict=True):
+        grad_x_part, grad_part, _ = torch.ops.aten.convolution_backward(
+            grad, x, channels_last(part[:, :c]), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [need_x, need_kernel, False],
+        )
+        if need_x:
+            grad_x = grad_x_part if grad_x is None else grad_x.add_(grad_x_part)
+        if need_kernel:
+            kernel_parts.append(torch.cat((grad_part, _ones_gradient(grad)[:, None]), dim=1))
+    return grad_x, torch.cat(kernel_parts) if need_kernel else None
+
+
+def _im2col_gradients(
+    x: Tensor, kernel: Tensor, grads: tuple[Tensor, ...], *, need_x: bool, need_kernel: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The same gradients as `_onednn_gradients`: the input's a correlation with the flipped
+    kernel (real channels only), the kernel's im2col products; a few samples at a time."""
+    grad_x = grad_kernel = None
+    if need_x:
+        transposed = kernel[:, : x.shape[1]].flip(2, 3).transpose(0, 1)  # (C, O, 3, 3)
+        flipped = [channels_last(k) for k in transposed.chunk(len(grads), dim=1)]
+        grad_x = F.conv2d(grads[0], flipped[0], padding=1)  # (N, C, H, W)
+        step = _samples_per_chunk(grads[0])
+        for g, k in zip(grads[1:], flipped[1:], strict=True):  # other parts: a few samples at a time
+            for start in range(0, len(g), step):
+                grad_x[start : start + step].add_(F.conv2d(g[start : start + step], k, padding=1))
+    if need_kernel:
+        grad_kernel = _weight_gradient(x, grads, kernel.shape[0])
+    return grad_x, grad_kernel
+
+
+def _ones_gradient(grad: Tensor) -> Tensor:
+    """Kernel gradient (O, 3, 3) of a 3x3 'same' conv's all-ones input channel, from the output
+    gradient (N, O, H, W): tap (i, j) sums the output gradient over the pixels whose neighbour
+    (i - 1, j - 1) lies in the image, i.e. over all but the first or last row or column. One pass
+    over the gradient's NHWC memory, then its edges."""
+    pixels = grad.permute(0, 2, 3, 1)  # (N, H, W, O), a view of NHWC memory
+    total = pixels.sum(dim=(0, 1, 2))
+    zero = torch.zeros_like(total)
+    # kernel row 0 reads the row above: none for output row 0; kernel row 2 none for the last row
+    row_miss = torch.stack((pixels[:, 0].sum(dim=(0, 1)), zero, pixels[:, -1].sum(dim=(0, 1))), dim=1)
+    col_miss = torch.stack((pixels[:, :, 0].sum(dim=(0, 1)), zero, pixels[:, :, -1].sum(dim=(0, 1))), dim=1)
+    corners = total.new_zeros(total.shape[0], 3, 3)  # missed by a row and a column: counted back once
+    corners[:, ::2, ::2] = pixels[:, [0, -1]][:, :, [0, -1]].sum(dim=0).permute(2, 0, 1)
+    return total[:, None, None] - row_miss[:, :, None] - col_miss[:, None, :] + corners
 
 
 def _with_ones(x: Tensor) -> Tensor:
