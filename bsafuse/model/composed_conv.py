@@ -17,9 +17,10 @@ gradient is an im2col matrix product and the input gradient a forward conv with 
 kernel (real channels only): a GDFN's backward at full resolution (paper config, batch 2)
 191-205 -> 138-156 ms on one core. On AVX-512 CPUs oneDNN's backward of the conv on the real
 channels is the faster, the all-ones channel's kernel gradient then a few sums of the output
-gradient (`_ones_gradient`): a `paper` training step 1.03-1.05 x faster at batch 2, 1.05 x at
-batch 8, 1.03 x on one thread than with the im2col one (2026-12-08, old and new interleaved in
-one process), where with oneDNN held to AVX2 it was 0.95 x. Only the input is saved, either way.
+gradient (`_ones_gradient`): a `paper` training step 1.00-1.03 x faster at batch 2, 1.05-1.06 x
+at batch 8, 1.03-1.06 x on one thread than with the im2col one (2026-12-08, old and new
+interleaved in one process), where with oneDNN held to AVX2 it was 0.95 x. Only the input is
+saved, either way.
 """
 
 from __future__ import annotations
